@@ -1,0 +1,34 @@
+# Fixed verbs: run, test, lint, bench. Each creates .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint fmt check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## the proxy with an emulated XSUAA and iFlow runtime on loopback
+	$(BIN)/cpi-proxy dev
+
+test: $(STAMP)  ## the whole suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format proxy tests
+	$(BIN)/ruff check --fix proxy tests
+
+check: $(STAMP)  ## validate bindings and the route file without serving
+	$(BIN)/cpi-proxy check
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

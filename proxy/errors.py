@@ -1,0 +1,117 @@
+"""One small exception tree; `app.error_middleware` is the only place that turns it into HTTP.
+
+    ConfigError                      start-up: a setting is missing or invalid (one line, exit 2)
+    ProxyError                       a request failed; knows its status and OAuth-style error code
+     +-- BadRequest           400    path escapes /http/ or is malformed
+     +-- NotFound             404    no route matches
+     +-- MethodNotAllowed     405    route matches, method does not (carries Allow)
+     +-- Unauthorized         401    no bearer token
+     +-- InvalidToken         401    the token is bad (signature, exp, audience, zone, ...)
+     +-- InsufficientScope    403    valid token without the route's scope
+     +-- TokenExchangeFailed  502    XSUAA refused the exchange (4xx) or answered garbage
+     +-- KeysUnavailable      503    XSUAA's keys cannot be fetched and none are cached
+     +-- ExchangeUnavailable  503    XSUAA answered 5xx or is unreachable
+     +-- ExchangeTimeout      504    XSUAA did not answer in time
+     +-- UpstreamUnreachable  502    CPI cannot be reached
+     +-- UpstreamTimeout      504    CPI did not answer within the route's timeout
+
+PyJWT's split is kept: "the token is bad" is a 401, "the infrastructure failed" is a 5xx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it and says what to do."""
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    error: ClassVar[str] = "server_error"
+
+    def __init__(self, description: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error = "invalid_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    error = "method_not_allowed"
+
+    def __init__(self, description: str, *, allowed: frozenset[str]) -> None:
+        super().__init__(description, headers={"Allow": ", ".join(sorted(allowed))})
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    error = "invalid_request"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, headers={"WWW-Authenticate": 'Bearer realm="cpi-proxy"'})
+
+
+class InvalidToken(ProxyError):
+    status = 401
+    error = "invalid_token"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(
+            description,
+            headers={"WWW-Authenticate": 'Bearer realm="cpi-proxy", error="invalid_token"'},
+        )
+
+
+class InsufficientScope(ProxyError):
+    status = 403
+    error = "insufficient_scope"
+
+    def __init__(self, description: str, *, scopes: tuple[str, ...]) -> None:
+        challenge = (
+            f'Bearer realm="cpi-proxy", error="insufficient_scope", scope="{" ".join(scopes)}"'
+        )
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
+class TokenExchangeFailed(ProxyError):
+    status = 502
+    error = "token_exchange_failed"
+
+
+class KeysUnavailable(ProxyError):
+    status = 503
+    error = "temporarily_unavailable"
+
+
+class ExchangeUnavailable(ProxyError):
+    status = 503
+    error = "token_exchange_unavailable"
+
+
+class ExchangeTimeout(ProxyError):
+    status = 504
+    error = "token_exchange_timeout"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    error = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    error = "upstream_timeout"

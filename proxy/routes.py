@@ -1,0 +1,182 @@
+"""The route table, modelled on approuter's xs-app.json. Pure: no aiohttp, no I/O but the read.
+
+    {"xsuaa": {"service": "my-xsuaa"}, "cpi": {"service": "my-cpi"},
+     "routes": [{"source": "^/cpi/(.*)$", "target": "/http/$1",
+                 "scope": "$XSAPPNAME.texfrontendscope", "methods": ["GET", "POST"],
+                 "grant": "jwt-bearer", "timeout": 60}]}
+
+Everything is checked at load time, so a bad file stops the process with a message naming the
+route and key instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.errors import ConfigError, MethodNotAllowed, NotFound
+
+Grant = Literal["jwt-bearer", "client-credentials"]
+GRANTS: tuple[Grant, ...] = ("jwt-bearer", "client-credentials")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+TARGET_PREFIX = "/http/"
+_ROUTE_KEYS = frozenset(
+    {"name", "description", "source", "target", "scope", "methods", "grant", "timeout"}
+)
+_TOP_KEYS = frozenset({"routes", "xsuaa", "cpi"})
+_GROUP_REF = re.compile(r"\$(\d+)")
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    source: re.Pattern[str]
+    target: str  # template with $1..$n
+    scopes: tuple[str, ...]  # any one suffices; empty: any valid user token
+    methods: frozenset[str] | None  # None: every method
+    grant: Grant = "jwt-bearer"
+    timeout: float = 60.0
+
+    def target_for(self, match: re.Match[str]) -> str:
+        return _GROUP_REF.sub(lambda m: match.group(int(m.group(1))) or "", self.target)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    routes: tuple[Route, ...]
+    xsuaa_service: str | None = None
+    cpi_service: str | None = None
+
+    def match(self, path: str, method: str) -> tuple[Route, str]:
+        """First route whose source matches and which allows `method` -> (route, target path)."""
+        allowed: set[str] = set()
+        for route in self.routes:
+            found = route.source.match(path)
+            if found is None:
+                continue
+            if route.methods is None or method in route.methods:
+                return route, route.target_for(found)
+            allowed |= route.methods
+        if allowed:
+            raise MethodNotAllowed(
+                f"{method} is not allowed on this path; allowed: {', '.join(sorted(allowed))}",
+                allowed=frozenset(allowed),
+            )
+        raise NotFound("no route matches this path; see the route file (CPI_PROXY_CONFIG)")
+
+    def resolve(self, xsappname: str) -> RouteTable:
+        """Expand $XSAPPNAME in scopes with the XSUAA binding's xsappname."""
+        routes = tuple(
+            Route(
+                name=r.name,
+                source=r.source,
+                target=r.target,
+                scopes=tuple(s.replace("$XSAPPNAME", xsappname) for s in r.scopes),
+                methods=r.methods,
+                grant=r.grant,
+                timeout=r.timeout,
+            )
+            for r in self.routes
+        )
+        return RouteTable(routes, self.xsuaa_service, self.cpi_service)
+
+
+def _service_name(data: Mapping[str, Any], key: str, where: str) -> str | None:
+    section = data.get(key)
+    if section is None:
+        return None
+    if (
+        not isinstance(section, dict)
+        or set(section) != {"service"}
+        or not isinstance(section["service"], str)
+    ):
+        raise ConfigError(f'{where}: "{key}" must be {{"service": "<bound service name>"}}')
+    return section["service"]
+
+
+def _parse_route(raw: Any, index: int, where: str) -> Route:
+    at = f"{where} route {index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at}: must be an object")
+    unknown = set(raw) - _ROUTE_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{at}: unknown key(s) {', '.join(sorted(unknown))};"
+            f" allowed: {', '.join(sorted(_ROUTE_KEYS))}"
+        )
+    name = raw.get("name", f"route-{index + 1}")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{at}: name must be a non-empty string")
+    at = f"{where} route {name!r}"
+    source_text = raw.get("source")
+    if not isinstance(source_text, str) or not source_text:
+        raise ConfigError(f"{at}: source (a regex on the request path) is required")
+    try:
+        source = re.compile(source_text)
+    except re.error as exc:
+        raise ConfigError(f"{at}: source {source_text!r} is not a valid regex ({exc})") from None
+    target = raw.get("target")
+    if not isinstance(target, str) or not target.startswith(TARGET_PREFIX):
+        raise ConfigError(f"{at}: target must be a string starting with {TARGET_PREFIX}")
+    for ref in _GROUP_REF.findall(target):
+        if int(ref) > source.groups:
+            raise ConfigError(f"{at}: target uses ${ref} but source has {source.groups} group(s)")
+    scope = raw.get("scope", [])
+    scopes = [scope] if isinstance(scope, str) else scope
+    if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
+        raise ConfigError(f"{at}: scope must be a string or a list of strings")
+    methods = raw.get("methods")
+    if methods is not None:
+        if (
+            not isinstance(methods, list)
+            or not methods
+            or not all(isinstance(m, str) and m.upper() in HTTP_METHODS for m in methods)
+        ):
+            raise ConfigError(
+                f"{at}: methods must be a non-empty list of {', '.join(sorted(HTTP_METHODS))}"
+            )
+        methods = frozenset(m.upper() for m in methods)
+    grant = raw.get("grant", "jwt-bearer")
+    if grant not in GRANTS:
+        raise ConfigError(f"{at}: grant must be one of {', '.join(GRANTS)}")
+    timeout = raw.get("timeout", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{at}: timeout must be a positive number of seconds")
+    return Route(name, source, target, tuple(scopes), methods, grant, float(timeout))
+
+
+def parse_routes(data: Any, *, where: str = "route file") -> RouteTable:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a JSON object with a routes list")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    routes = data.get("routes")
+    if not isinstance(routes, list) or not routes:
+        raise ConfigError(f"{where}: routes must be a non-empty list")
+    parsed = tuple(_parse_route(r, i, where) for i, r in enumerate(routes))
+    names = [r.name for r in parsed]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{where}: route name {duplicate!r} is used twice")
+    return RouteTable(
+        parsed, _service_name(data, "xsuaa", where), _service_name(data, "cpi", where)
+    )
+
+
+def load_routes(path: Path) -> RouteTable:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"CPI_PROXY_CONFIG: cannot read route file {str(path)!r} ({exc.strerror})"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return parse_routes(data, where=str(path))

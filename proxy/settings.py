@@ -1,0 +1,92 @@
+"""Process settings from the environment, as frozen values.
+
+`effective_environ` applies SAP's `default-env.json` convention (each top-level key acts as an
+environment variable unless that variable is already set), so a developer can run locally with the
+same file approuter and @sap/xssec read. `load` turns the environment into `Settings`, raising
+`ConfigError` naming the variable when a value is unusable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.errors import ConfigError
+
+DEFAULT_ENV_FILE = "default-env.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"  # noqa: S104 - a CF app must listen on all interfaces
+    port: int = 8080
+    routes_file: Path = Path("config/routes.json")
+    cache_size: int = 10_000  # CPI tokens and validated-claims entries, each
+    exchange_timeout: float = 10.0
+    token_margin: float = 60.0  # a cached CPI token is dropped this long before it expires
+    keys_ttl: float = 900.0
+    keys_min_refresh: float = 30.0  # at most one key fetch per this interval for unknown kids
+    leeway: float = 60.0  # clock skew tolerated on exp/nbf
+    connect_timeout: float = 10.0
+    max_connections: int = 100
+
+
+def effective_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
+    """`environ` overlaid on `cwd/default-env.json` when VCAP_SERVICES is not set."""
+    merged = dict(environ)
+    path = cwd / DEFAULT_ENV_FILE
+    if "VCAP_SERVICES" in environ or not path.is_file():
+        return merged
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a JSON object of environment variables")
+    for key, value in data.items():
+        merged.setdefault(str(key), value if isinstance(value, str) else json.dumps(value))
+    return merged
+
+
+def _number(environ: Mapping[str, str], key: str, default: float, *, integer: bool) -> float:
+    raw = environ.get(key)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise ConfigError(f"{key}={raw!r} is not {kind}") from None
+    if value <= 0:
+        raise ConfigError(f"{key}={raw!r} must be greater than 0")
+    return value
+
+
+def load(environ: Mapping[str, str]) -> Settings:
+    d = Settings()
+    port = int(_number(environ, "PORT", d.port, integer=True))
+    if port > 65535:
+        raise ConfigError(f"PORT={port} is not a TCP port (1-65535)")
+    return Settings(
+        host=d.host,
+        port=port,
+        routes_file=Path(environ.get("CPI_PROXY_CONFIG") or d.routes_file),
+        cache_size=int(_number(environ, "CPI_PROXY_CACHE_SIZE", d.cache_size, integer=True)),
+        exchange_timeout=_number(
+            environ, "CPI_PROXY_EXCHANGE_TIMEOUT", d.exchange_timeout, integer=False
+        ),
+        token_margin=_number(environ, "CPI_PROXY_TOKEN_MARGIN", d.token_margin, integer=False),
+        keys_ttl=_number(environ, "CPI_PROXY_KEYS_TTL", d.keys_ttl, integer=False),
+        keys_min_refresh=_number(
+            environ, "CPI_PROXY_KEYS_MIN_REFRESH", d.keys_min_refresh, integer=False
+        ),
+        leeway=d.leeway,
+        connect_timeout=_number(
+            environ, "CPI_PROXY_CONNECT_TIMEOUT", d.connect_timeout, integer=False
+        ),
+        max_connections=int(
+            _number(environ, "CPI_PROXY_MAX_CONNECTIONS", d.max_connections, integer=True)
+        ),
+    )
