@@ -1,0 +1,182 @@
+"""Authenticate (validate the user's XSUAA JWT) and authorize (the route's scope).
+
+Validation follows @sap/xssec 4: RS256/384/512 only (fixed here, never read from the token),
+keys only from the bound XSUAA, exp/nbf with leeway, the binding's zone, and xssec's audience
+rule. A token that passed is remembered by its hash until it expires, so the signature is
+checked once per token, not once per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+from cachetools import TLRUCache
+
+from proxy.bindings import XsuaaBinding
+from proxy.errors import InsufficientScope, InvalidToken, Unauthorized
+from proxy.keys import RSA_ALGORITHMS, KeyStore
+
+MAX_TOKEN_BYTES = 16 * 1024  # real XSUAA tokens are 1-4 KiB; bigger ones are refused unread
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What the pipeline needs from a validated user token."""
+
+    token_hash: bytes
+    subject: str  # user_name, or client_id for a client-credentials token
+    scopes: frozenset[str]
+    zone_id: str
+    client_id: str
+    expires_at: float  # epoch seconds
+    raw: Mapping[str, Any]
+
+    def __repr__(self) -> str:  # short: the raw claims stay out of logs
+        return f"Claims(subject={self.subject!r}, client_id={self.client_id!r})"
+
+
+def bearer_token(header_values: list[str]) -> str:
+    """The token from exactly one `Authorization: Bearer` header, else Unauthorized/InvalidToken."""
+    if not header_values:
+        raise Unauthorized("send the user's XSUAA token as 'Authorization: Bearer <jwt>'")
+    if len(header_values) > 1:
+        raise InvalidToken("more than one Authorization header")
+    scheme, _, token = header_values[0].strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <jwt>'")
+    return token.strip()
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def audience_matches(claims: Mapping[str, Any], clientid: str, xsappname: str) -> bool:
+    """xssec 4: candidates are `aud` (or scope prefixes if it is empty) plus `cid`."""
+    aud = claims.get("aud")
+    candidates: list[str] = [aud] if isinstance(aud, str) else list(aud or [])
+    if not candidates:
+        candidates = [s.split(".", 1)[0] for s in _scopes(claims) if "." in s]
+    cid = claims.get("cid")
+    if isinstance(cid, str):
+        candidates.append(cid)
+    for candidate in candidates:
+        if not isinstance(candidate, str):
+            continue
+        for name in (clientid, xsappname):
+            if candidate == name or candidate.startswith(name + "."):
+                return True
+    return False
+
+
+def _scopes(claims: Mapping[str, Any]) -> Iterable[str]:
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return scope.split()
+    if isinstance(scope, list):
+        return [s for s in scope if isinstance(s, str)]
+    return []
+
+
+def _jku_allowed(jku: object, uaadomain: str) -> bool:
+    if not isinstance(jku, str):
+        return False
+    parts = urlsplit(jku)
+    host = (parts.netloc or "").lower()
+    domain = uaadomain.lower()
+    return parts.scheme == "https" and (host == domain or host.endswith("." + domain))
+
+
+class TokenValidator:
+    def __init__(
+        self, binding: XsuaaBinding, keys: KeyStore, *, leeway: float = 60.0, cache_size: int
+    ) -> None:
+        self._binding = binding
+        self._keys = keys
+        self._leeway = leeway
+        self._cache: TLRUCache[bytes, Claims] = TLRUCache(
+            maxsize=cache_size, ttu=self._valid_until, timer=time.time
+        )
+
+    def _valid_until(self, _key: bytes, claims: Claims, _now: float) -> float:
+        return claims.expires_at + self._leeway
+
+    async def validate(self, token: str) -> Claims:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise InvalidToken(f"the token is larger than {MAX_TOKEN_BYTES} bytes")
+        digest = token_hash(token)
+        cached = self._cache.get(digest)
+        if cached is not None:
+            return cached
+        claims = await self._validate(token, digest)
+        self._cache[digest] = claims
+        return claims
+
+    async def _validate(self, token: str, digest: bytes) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise InvalidToken("the token is not a well-formed JWT") from None
+        alg = header.get("alg")
+        if alg not in RSA_ALGORITHMS:
+            raise InvalidToken(f"algorithm {alg!r} is not accepted; XSUAA signs with RS256")
+        if "crit" in header:
+            raise InvalidToken("the token has critical header extensions this proxy does not know")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > 256:
+            raise InvalidToken("the token header has no usable kid")
+        if "jku" in header and not _jku_allowed(header["jku"], self._binding.uaadomain):
+            raise InvalidToken("the token's jku is not on the bound XSUAA's domain")
+        zid = unverified.get("zid")
+        if zid != self._binding.zone_id:
+            raise InvalidToken("the token was issued for another identity zone (zid)")
+        key = await self._keys.get(kid)
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=list(RSA_ALGORITHMS),
+                leeway=self._leeway,
+                options={"require": ["exp"], "verify_aud": False, "verify_iss": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("the token has expired; get a fresh one from XSUAA") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("the token is not valid yet (nbf/iat in the future)") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("the token's signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"the token is invalid: {exc}") from None
+        binding = self._binding
+        if not audience_matches(payload, binding.clientid, binding.xsappname):
+            raise InvalidToken(
+                f"the token's audience does not include this app ({binding.xsappname}); "
+                "it was issued for another XSUAA client"
+            )
+        subject = payload.get("user_name") or payload.get("client_id") or payload.get("sub")
+        return Claims(
+            token_hash=digest,
+            subject=str(subject or ""),
+            scopes=frozenset(_scopes(payload)),
+            zone_id=str(zid),
+            client_id=str(payload.get("client_id") or payload.get("cid") or ""),
+            expires_at=float(payload["exp"]),
+            raw=payload,
+        )
+
+
+def authorize(claims: Claims, scopes: tuple[str, ...]) -> None:
+    """The route's scopes are alternatives: holding any one of them suffices."""
+    if scopes and claims.scopes.isdisjoint(scopes):
+        needed = " or ".join(scopes)
+        raise InsufficientScope(
+            f"this route needs scope {needed}; assign the user a role collection that holds it",
+            scopes=scopes,
+        )
