@@ -129,7 +129,7 @@ def _require(creds: Mapping[str, Any], key: str, where: str) -> str:
 def _xsuaa(service: Any) -> XsuaaBinding:
     creds: Mapping[str, Any] = service.credentials
     where = f"xsuaa service {service.name!r}"
-    if "clientsecret" not in creds and "certificate" in creds:
+    if not creds.get("clientsecret") and creds.get("certificate"):
         raise ConfigError(
             f"{where} uses x509 credentials, which this version does not support; bind it with"
             ' {"credential-type": "binding-secret"}'
@@ -162,7 +162,7 @@ def _cpi(service: Any) -> CpiBinding:
     outer: Mapping[str, Any] = service.credentials
     nested = outer.get("oauth")
     creds: Mapping[str, Any] = nested if isinstance(nested, dict) else outer
-    if "clientsecret" not in creds and "certificate" in creds:
+    if not creds.get("clientsecret") and creds.get("certificate"):
         raise ConfigError(
             f"{where} uses x509 credentials, which this version does not support; create the"
             ' binding with {"credential-type": "binding-secret"}'
