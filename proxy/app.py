@@ -49,17 +49,18 @@ SETTINGS = web.AppKey("settings", Settings)
 BINDINGS = web.AppKey("bindings", Bindings)
 ROUTES = web.AppKey("routes", RouteTable)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+CORRELATION_ID = web.RequestKey("correlation_id", str)
 
 
 def correlation_id(request: web.BaseRequest) -> str:
     """The caller's id (approuter's header order) if it is sane, else a new UUID."""
-    cached = request.get("correlation_id")
-    if isinstance(cached, str):
+    cached = request.get(CORRELATION_ID)
+    if cached is not None:
         return cached
     value = next((request.headers[h] for h in CORRELATION_HEADERS if h in request.headers), "")
     if not _CORRELATION_OK.fullmatch(value):
         value = str(uuid.uuid4())
-    request["correlation_id"] = value
+    request[CORRELATION_ID] = value
     return value
 
 
@@ -181,7 +182,12 @@ def _log_warm_up(task: asyncio.Future[None]) -> None:
 
 
 def create_app(settings: Settings, bindings: Bindings, routes: RouteTable) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    # Real XSUAA tokens with many role collections exceed aiohttp's 8 KiB header default; allow
+    # 32 KiB so tokens up to MAX_TOKEN_BYTES reach the validator and get a JSON answer.
+    app = web.Application(
+        middlewares=[error_middleware],
+        handler_args={"max_field_size": 32 * 1024, "max_line_size": 32 * 1024},
+    )
     app[SETTINGS] = settings
     app[BINDINGS] = bindings
     app[ROUTES] = routes.resolve(bindings.xsuaa.xsappname)  # idempotent

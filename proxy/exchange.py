@@ -10,6 +10,7 @@ failure): failures are not cached, and one cancelled client does not cancel the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -60,7 +61,15 @@ def _hint(status: int, error: str, body: str) -> str:
         )
     if error in ("invalid_grant", "invalid_token"):
         return "XSUAA refused the user token as assertion (expired, revoked or another zone)"
-    return "see XSUAA's answer above"
+    return "check the it-rt binding (tokenurl, client) against the service key in the cockpit"
+
+
+# Spelled out: the shared session adds no automatic headers (see forward.py).
+_TOKEN_REQUEST_HEADERS = {
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",
+    "Content-Type": "application/x-www-form-urlencoded",
+}
 
 
 class TokenExchanger:
@@ -80,11 +89,14 @@ class TokenExchanger:
         self._timeout_s = timeout
         self._margin = margin
         self._clock = clock
-        self._auth = aiohttp.BasicAuth(binding.clientid, binding.clientsecret)
+        # Raw id:secret, as @sap/xssec sends it (XSUAA client ids hold "!" and "|").
+        basic = base64.b64encode(f"{binding.clientid}:{binding.clientsecret}".encode()).decode()
+        self._headers = {**_TOKEN_REQUEST_HEADERS, "Authorization": f"Basic {basic}"}
         self._cache: TLRUCache[bytes, CpiToken] = TLRUCache(
             maxsize=cache_size, ttu=lambda _k, token, _now: token.cache_until, timer=clock
         )
         self._inflight: dict[bytes, asyncio.Future[CpiToken]] = {}
+        self.waiting = 0  # callers awaiting an in-flight exchange (observable for tests)
         self._client_key = hashlib.sha256(
             b"client-credentials\0" + binding.clientid.encode()
         ).digest()
@@ -119,7 +131,11 @@ class TokenExchanger:
             task = asyncio.ensure_future(self._fetch_and_store(key, fetch))
             self._inflight[key] = task
             task.add_done_callback(partial(self._forget, key))
-        return await asyncio.shield(task)
+        self.waiting += 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self.waiting -= 1
 
     def _forget(self, key: bytes, task: asyncio.Future[CpiToken]) -> None:
         self._inflight.pop(key, None)
@@ -141,9 +157,8 @@ class TokenExchanger:
             async with self._session.post(
                 url,
                 data=form,
-                auth=self._auth,
                 timeout=self._timeout,
-                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+                headers=self._headers,
             ) as resp:
                 status = resp.status
                 body = await resp.text(errors="replace")

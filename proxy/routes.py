@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.errors import ConfigError, MethodNotAllowed, NotFound
+from proxy.errors import BadRequest, ConfigError, MethodNotAllowed, NotFound
+from proxy.paths import normalise
 
 Grant = Literal["jwt-bearer", "client-credentials"]
 GRANTS: tuple[Grant, ...] = ("jwt-bearer", "client-credentials")
@@ -125,6 +126,13 @@ def _parse_route(raw: Any, index: int, where: str) -> Route:
     for ref in _GROUP_REF.findall(target):
         if int(ref) > source.groups:
             raise ConfigError(f"{at}: target uses ${ref} but source has {source.groups} group(s)")
+    literal = _GROUP_REF.sub("x", target)
+    try:
+        plain = normalise(literal) == literal
+    except BadRequest:
+        plain = False
+    if not plain:
+        raise ConfigError(f"{at}: target {target!r} must not hold dot segments or escapes")
     scope = raw.get("scope", [])
     scopes = [scope] if isinstance(scope, str) else scope
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):

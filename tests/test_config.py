@@ -102,7 +102,7 @@ def test_default_env_json_is_ignored_when_vcap_services_is_set(tmp_path: Path) -
 
 def test_broken_default_env_json_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "default-env.json").write_text("{oops")
-    with pytest.raises(ConfigError, match="default-env.json: not readable JSON"):
+    with pytest.raises(ConfigError, match=r"default-env\.json: not readable JSON"):
         effective_environ({}, tmp_path)
 
 

@@ -94,6 +94,8 @@ def test_method_mismatch_falls_through_to_a_later_route() -> None:
         ({"routes": [route(source="^/cpi/(.*$")]}, "is not a valid regex"),
         ({"routes": [route(target="/api/$1")]}, "target must be a string starting with /http/"),
         ({"routes": [route(target="/http/$2")]}, "target uses $2 but source has 1 group"),
+        ({"routes": [route(target="/http/../$1")]}, "must not hold dot segments or escapes"),
+        ({"routes": [route(target="/http/%2e%2e/$1")]}, "must not hold dot segments or escapes"),
         ({"routes": [route(scope=5)]}, "scope must be a string or a list"),
         ({"routes": [route(methods=["FETCH"])]}, "methods must be a non-empty list"),
         ({"routes": [route(grant="password")]}, "grant must be one of"),

@@ -1,0 +1,114 @@
+"""`cpi-proxy serve | check | dev`: configuration errors end the process with one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import AccessLogger, create_app
+from proxy.bindings import Bindings, load_bindings
+from proxy.errors import ConfigError
+from proxy.routes import RouteTable, load_routes
+from proxy.settings import Settings, effective_environ, load
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    bindings: Bindings
+    routes: RouteTable
+
+
+def load_config(environ: Mapping[str, str]) -> Config:
+    settings = load(environ)
+    routes = load_routes(settings.routes_file)
+    bindings = load_bindings(
+        environ, xsuaa_service=routes.xsuaa_service, cpi_service=routes.cpi_service
+    )
+    return Config(settings, bindings, routes.resolve(bindings.xsuaa.xsappname))
+
+
+def describe(config: Config) -> str:
+    """The resolved configuration for humans; secrets are masked."""
+    x, c = config.bindings.xsuaa, config.bindings.cpi
+    lines = [
+        f"XSUAA  service {x.name!r}: clientid {x.clientid}, clientsecret ****, xsappname"
+        f" {x.xsappname}, zone {x.zone_id}, keys {x.jwks_url}"
+        + (", verificationkey present" if x.verificationkey else ""),
+        f"CPI    service {c.name!r}: clientid {c.clientid}, clientsecret ****,"
+        f" tokenurl {c.tokenurl}, runtime {c.url}",
+        f"routes from {config.settings.routes_file} (first match wins):",
+    ]
+    for r in config.routes.routes:
+        methods = ", ".join(sorted(r.methods)) if r.methods else "all methods"
+        scopes = " or ".join(r.scopes) if r.scopes else "(any valid user token)"
+        lines.append(
+            f"  {r.name}: {r.source.pattern} -> {r.target}  [{methods}]  scope {scopes}"
+            f"  grant {r.grant}  timeout {r.timeout:g}s"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpi-proxy", description="Call SAP CPI iFlows with the caller's XSUAA identity."
+    )
+    parser.add_argument("--version", action="version", version=f"cpi-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the proxy (the default)")
+    serve.add_argument("--host", help="listen address (default 0.0.0.0)")
+    sub.add_parser("check", help="validate bindings and routes, print them, exit")
+    dev = sub.add_parser("dev", help="run with an emulated XSUAA and iFlow runtime on loopback")
+    dev.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, help="proxy port (default $PORT or 8080; 0: any free)")
+    return parser
+
+
+def _configure_logging(environ: Mapping[str, str]) -> None:
+    level = environ.get("LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={level!r} is not one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        environ = effective_environ(os.environ, Path.cwd())
+        _configure_logging(environ)
+        if command == "dev":
+            from proxy.dev.run import run_dev
+
+            settings = load(environ)
+            port = settings.port if args.port is None else args.port
+            return run_dev(replace(settings, host=args.host, port=port))
+        config = load_config(environ)
+    except ConfigError as exc:
+        print(f"cpi-proxy: {exc}", file=sys.stderr)
+        return 2
+    if command == "check":
+        print(describe(config))
+        return 0
+    settings = replace(config.settings, host=args.host or config.settings.host)
+    app = create_app(settings, config.bindings, config.routes)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log_class=AccessLogger,
+        print=lambda line: logging.getLogger("proxy").info("%s", line),
+    )
+    return 0
