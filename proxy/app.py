@@ -52,11 +52,10 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 
 
-def correlation_id(request: web.BaseRequest) -> str:
+def correlation_id(request: web.Request) -> str:
     """The caller's id (approuter's header order) if it is sane, else a new UUID."""
-    cached = request.get(CORRELATION_ID)
-    if cached is not None:
-        return cached
+    if CORRELATION_ID in request:
+        return request[CORRELATION_ID]
     value = next((request.headers[h] for h in CORRELATION_HEADERS if h in request.headers), "")
     if not _CORRELATION_OK.fullmatch(value):
         value = str(uuid.uuid4())

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -58,7 +59,7 @@ def _attacker_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, tuple[Callable[[EmulatedXsuaa], str], str]] = {
     "garbage": (lambda x: "not-a-jwt", "not a well-formed JWT"),
     "two segments": (lambda x: "a.b", "not a well-formed JWT"),
     "expired": (lambda x: x.mint_user_token(expires_in=-120), "expired"),

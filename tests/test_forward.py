@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.dev import GZIP_BODY, EmulatedXsuaa
 from proxy.forward import downstream_headers
@@ -48,7 +49,7 @@ async def test_query_string_is_forwarded_byte_exact(
     raw: aiohttp.ClientSession, token: str, iflow: Iflow
 ) -> None:
     url = "/cpi/echo?a=%2F&b=1&b=2&c=%E2%82%AC&d"
-    async with raw.get(aiohttp.client.URL(url, encoded=True), headers=bearer(token)) as resp:
+    async with raw.get(URL(url, encoded=True), headers=bearer(token)) as resp:
         assert resp.status == 200
     assert iflow.runtime.requests[-1].raw_path == "/http/echo?a=%2F&b=1&b=2&c=%E2%82%AC&d"
 
@@ -234,7 +235,7 @@ async def test_slow_cpi_is_504_after_the_route_timeout(make_proxy: MakeProxy, to
 async def test_path_tricks_never_leave_http(
     raw: aiohttp.ClientSession, token: str, iflow: Iflow, path: str, status: int
 ) -> None:
-    url = aiohttp.client.URL(path, encoded=True)
+    url = URL(path, encoded=True)
     async with raw.get(url, headers=bearer(token)) as resp:
         assert resp.status == status
     assert iflow.runtime.requests == []
@@ -243,9 +244,7 @@ async def test_path_tricks_never_leave_http(
 async def test_encoded_slash_is_forwarded_decoded(
     raw: aiohttp.ClientSession, token: str, iflow: Iflow
 ) -> None:
-    async with raw.get(
-        aiohttp.client.URL("/cpi/a%2Fb", encoded=True), headers=bearer(token)
-    ) as resp:
+    async with raw.get(URL("/cpi/a%2Fb", encoded=True), headers=bearer(token)) as resp:
         assert resp.status == 200
     assert iflow.runtime.requests[-1].raw_path == "/http/a/b"
 
