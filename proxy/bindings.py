@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import cfenv
 
@@ -36,7 +36,7 @@ class XsuaaBinding:
     @property
     def jwks_url(self) -> str:
         # Keys come only from the bound uaadomain, never from a URL named in a token.
-        return f"https://{self.uaadomain}/token_keys?zid={self.zone_id}"
+        return f"https://{self.uaadomain}/token_keys?zid={quote(self.zone_id, safe='')}"
 
 
 @dataclass(frozen=True)

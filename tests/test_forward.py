@@ -55,7 +55,7 @@ async def test_query_string_is_forwarded_byte_exact(
 
 
 async def test_headers_are_cleaned_and_the_user_token_never_reaches_cpi(
-    raw: aiohttp.ClientSession, token: str, xsuaa: EmulatedXsuaa
+    raw: aiohttp.ClientSession, token: str, iflow: Iflow, proxy: Client
 ) -> None:
     headers = {
         **bearer(token),
@@ -77,6 +77,8 @@ async def test_headers_are_cleaned_and_the_user_token_never_reaches_cpi(
     assert seen["x-custom"] == ["kept"]
     assert seen["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
     assert seen["x-forwarded-proto"] == ["http"]
+    assert seen["x-forwarded-host"] == [f"{proxy.host}:{proxy.port}"]
+    assert seen["host"] == [URL(iflow.url).raw_authority]
     assert seen["x-correlationid"] == ["abc-123"]
     assert "accept-encoding" not in seen  # the client asked for none, so none is added
     [authorization] = seen["authorization"]
