@@ -125,9 +125,7 @@ class KeyStore:
                     f"cannot fetch verification keys from XSUAA{reason}; retry later"
                 )
         shown = kid if len(kid) <= 64 else kid[:64] + "..."
-        raise InvalidToken(
-            f"unknown key id {shown!r}: the token was not signed by the bound XSUAA"
-        )
+        raise InvalidToken(f"unknown key id {shown!r}: the token was not signed by the bound XSUAA")
 
     async def refresh(self) -> None:
         """Fetch the key set, sharing one request among all concurrent callers."""
