@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from proxy.app import create_app
+from proxy.app import client_ssl_context, create_app
 from proxy.bindings import load_bindings
 from proxy.dev import DevCA, EmulatedIflowRuntime, EmulatedXsuaa, make_dev_ca
 from proxy.routes import parse_routes
@@ -96,6 +97,15 @@ class Iflow:
 
 
 MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def session(ca_file: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session trusting the test CA, like the proxy's own (for stage-level tests)."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl_context())
+    ) as session:
+        yield session
 
 
 @pytest.fixture

@@ -6,15 +6,13 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.app import PIPELINE, client_ssl_context
+from proxy.app import PIPELINE
 from proxy.auth import Claims, token_hash
 from proxy.bindings import JWT_BEARER, load_bindings
 from proxy.dev import EmulatedXsuaa
@@ -178,14 +176,6 @@ async def test_client_credentials_route_shares_one_technical_token(
 
 
 # --- the exchanger on its own, with a clock the test controls -------------------------------
-
-
-@pytest.fixture
-async def session(ca_file: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_ssl_context())
-    ) as session:
-        yield session
 
 
 def exchanger_for(

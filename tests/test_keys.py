@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.app import client_ssl_context
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import InvalidToken, KeysUnavailable
 from proxy.keys import KeyStore, load_pem_key
 from tests.conftest import FakeClock
-
-
-@pytest.fixture
-async def session(ca_file: Path) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_ssl_context())
-    ) as session:
-        yield session
 
 
 def store(
