@@ -132,9 +132,7 @@ def client_ssl_context() -> ssl.SSLContext:
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     settings, bindings = app[SETTINGS], app[BINDINGS]
-    connector = aiohttp.TCPConnector(
-        ssl=client_ssl_context(), limit=settings.max_connections, enable_cleanup_closed=False
-    )
+    connector = aiohttp.TCPConnector(ssl=client_ssl_context(), limit=settings.max_connections)
     session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),

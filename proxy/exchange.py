@@ -97,9 +97,8 @@ class TokenExchanger:
         )
         self._inflight: dict[bytes, asyncio.Future[CpiToken]] = {}
         self.waiting = 0  # callers awaiting an in-flight exchange (observable for tests)
-        self._client_key = hashlib.sha256(
-            b"client-credentials\0" + binding.clientid.encode()
-        ).digest()
+        self._client_id = binding.clientid.encode()
+        self._client_key = hashlib.sha256(b"client-credentials\0" + self._client_id).digest()
 
     @property
     def cached(self) -> int:
@@ -107,7 +106,10 @@ class TokenExchanger:
 
     async def for_user(self, claims: Claims, user_token: str) -> CpiToken:
         """The CPI token carrying this user, from the cache or one shared exchange."""
-        key = hashlib.sha256(claims.token_hash + b"\0" + self._binding.clientid.encode()).digest()
+        key = hashlib.sha256(claims.token_hash + b"\0" + self._client_id).digest()
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         form = {
             "grant_type": JWT_BEARER,
             "assertion": user_token,
@@ -119,13 +121,14 @@ class TokenExchanger:
 
     async def for_client(self) -> CpiToken:
         """One technical-user token shared by every request of client-credentials routes."""
+        cached = self._cache.get(self._client_key)
+        if cached is not None:
+            return cached
         form = {"grant_type": "client_credentials", "client_id": self._binding.clientid}
         return await self._get(self._client_key, partial(self._request, form, None))
 
     async def _get(self, key: bytes, fetch: Callable[[], Awaitable[CpiToken]]) -> CpiToken:
-        token = self._cache.get(key)
-        if token is not None:
-            return token
+        """Join the in-flight fetch for `key`, or start one (callers checked the cache)."""
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._fetch_and_store(key, fetch))
