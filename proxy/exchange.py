@@ -26,7 +26,12 @@ from cachetools import TLRUCache
 
 from proxy.auth import Claims
 from proxy.bindings import JWT_BEARER, CpiBinding
-from proxy.errors import ExchangeTimeout, ExchangeUnavailable, TokenExchangeFailed
+from proxy.errors import (
+    ExchangeTimeout,
+    ExchangeUnavailable,
+    InvalidToken,
+    TokenExchangeFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,10 @@ def _hint(status: int, error: str, body: str) -> str:
             "the CPI client may not use this grant: add it to grant-types in the it-rt instance"
             " parameters (config-cpi.json) and update the service"
         )
-    if error in ("invalid_grant", "invalid_token"):
-        return "XSUAA refused the user token as assertion (expired, revoked or another zone)"
     return "check the it-rt binding (tokenurl, client) against the service key in the cockpit"
 
 
+_ASSERTION_REFUSED = frozenset({"invalid_grant", "invalid_token"})
 # Spelled out: the shared session adds no automatic headers (see forward.py).
 _TOKEN_REQUEST_HEADERS = {
     "Accept": "application/json",
@@ -183,6 +187,9 @@ class TokenExchanger:
         log.warning("token request (%s) failed: %s", grant, said)
         if status >= 500 or status == 429:
             raise ExchangeUnavailable(f"{said}; retry later")
+        if form.get("assertion") and error in _ASSERTION_REFUSED:
+            # The user's token, not our setup, is at fault: the caller must get a new one.
+            raise InvalidToken(f"XSUAA refused the user token for the exchange: {said}")
         raise TokenExchangeFailed(f"{said}; {_hint(status, error, body)}")
 
     def _parse(self, body: str, user_left: float | None) -> CpiToken:

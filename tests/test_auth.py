@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy.app import PIPELINE
 from proxy.auth import MAX_TOKEN_BYTES, audience_matches, bearer_token
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import InvalidToken, Unauthorized
@@ -152,12 +153,32 @@ async def test_route_without_scope_accepts_any_valid_token(
 
 
 async def test_validated_token_is_not_verified_again(proxy: Client, xsuaa: EmulatedXsuaa) -> None:
-    """The claims cache answers repeat requests, so a since-unpublished key is not re-checked;
-    the key fetch count stays at one."""
+    """The claims cache answers a repeat token: the very same Claims, no second verification."""
+    validator = proxy.app[PIPELINE].validator
     token = xsuaa.mint_user_token()
-    for _ in range(5):
-        assert (await call(proxy, token))[0] == 200
-    assert xsuaa.key_fetches == 1
+    first = await validator.validate(token)
+    assert await validator.validate(token) is first
+    assert await validator.validate(xsuaa.mint_user_token("bob")) is not first
+
+
+async def test_expiry_tolerates_60_seconds_of_clock_skew(
+    proxy: Client, xsuaa: EmulatedXsuaa
+) -> None:
+    validator = proxy.app[PIPELINE].validator
+    assert (await validator.validate(xsuaa.mint_user_token(expires_in=-30))).subject == "alice"
+    assert (await validator.validate(xsuaa.mint_user_token(not_before=30))).subject == "alice"
+    with pytest.raises(InvalidToken, match="expired"):
+        await validator.validate(xsuaa.mint_user_token(expires_in=-90))
+
+
+async def test_token_xsuaa_refuses_as_assertion_is_401_not_502(
+    proxy: Client, xsuaa: EmulatedXsuaa, iflow: Iflow
+) -> None:
+    """Inside our leeway but expired by XSUAA's clock: the caller needs a new token."""
+    status, body = await call(proxy, xsuaa.mint_user_token(expires_in=-30))
+    assert (status, body["error"]) == (401, "invalid_token")
+    assert "XSUAA refused the user token" in body["error_description"]
+    assert iflow.runtime.requests == []
 
 
 async def test_key_rotation_is_picked_up_with_one_refresh(
