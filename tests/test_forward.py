@@ -261,3 +261,30 @@ async def test_no_route_is_404_and_wrong_method_is_405(proxy: Client, token: str
 async def test_healthz_needs_no_token(proxy: Client) -> None:
     async with proxy.get("/healthz") as resp:
         assert (resp.status, await resp.json()) == (200, {"status": "UP"})
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_cpi_breaking_off_a_body_cuts_the_client_instead_of_ending_cleanly(
+    proxy: Client, token: str, framing: str
+) -> None:
+    query = "?chunked" if framing == "chunked" else ""
+    async with (
+        asyncio.timeout(10),
+        proxy.get(f"/cpi/_emu/truncated{query}", headers=bearer(token)) as resp,
+    ):
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    async with proxy.get("/cpi/echo", headers=bearer(token)) as resp:  # still serving
+        assert resp.status == 200
+
+
+async def test_client_leaving_mid_download_leaves_the_proxy_serving(
+    proxy: Client, token: str
+) -> None:
+    url = f"/cpi/_emu/download?bytes={64 * 1024 * 1024}"
+    async with proxy.get(url, headers=bearer(token)) as resp:
+        await resp.content.readany()
+        resp.close()  # drop the connection with most of the body unread
+    async with proxy.post("/cpi/echo", data=b"after", headers=bearer(token)) as resp:
+        assert (resp.status, await resp.read()) == (200, b"after")

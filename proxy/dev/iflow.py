@@ -69,6 +69,7 @@ class EmulatedIflowRuntime:
         app.router.add_get(f"{emu}/download", self._download)
         app.router.add_post(f"{emu}/sink", self._sink)
         app.router.add_get(f"{emu}/hang", self._hang)
+        app.router.add_get(f"{emu}/truncated", self._truncated)
         app.router.add_route("*", emu + "/status/{code}", self._status)
         app.router.add_get(f"{emu}/gzip", self._gzip)
         app.router.add_get(f"{emu}/headers", self._headers)
@@ -176,6 +177,18 @@ class EmulatedIflowRuntime:
             digest.update(chunk)
             count += len(chunk)
         return web.json_response({"bytes": count, "sha256": digest.hexdigest()})
+
+    async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        """Promise 2 x 64 KiB (by Content-Length, or chunked with ?chunked), send half, drop."""
+        response = web.StreamResponse()
+        response.content_type = "application/octet-stream"
+        if "chunked" not in request.query:
+            response.content_length = 2 * CHUNK
+        await response.prepare(request)
+        await response.write(_PATTERN)  # write() drains: the half is on the wire
+        if request.transport is not None:
+            request.transport.abort()
+        return response
 
     async def _hang(self, _request: web.Request) -> web.StreamResponse:
         await self.hangs.hold()
