@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -23,13 +24,16 @@ from aiohttp.abc import AbstractAccessLogger
 
 from proxy.auth import TokenValidator, authorize, bearer_token
 from proxy.bindings import Bindings
+from proxy.csrf import CsrfStore
 from proxy.errors import BadRequest, ProxyError
-from proxy.exchange import TokenExchanger
+from proxy.exchange import CpiCredentials, TokenExchanger
 from proxy.forward import Forwarder
 from proxy.keys import KeyFetchError, KeyStore
 from proxy.paths import normalise, split_target
+from proxy.reload import RouteState, warn_public_routes
 from proxy.routes import TARGET_PREFIX, RouteTable
 from proxy.settings import Settings
+from proxy.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,12 @@ class Pipeline:
     validator: TokenValidator
     exchanger: TokenExchanger
     forwarder: Forwarder
+    csrf: CsrfStore
 
 
 SETTINGS = web.AppKey("settings", Settings)
 BINDINGS = web.AppKey("bindings", Bindings)
-ROUTES = web.AppKey("routes", RouteTable)
+ROUTES = web.AppKey("routes", RouteState)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 
@@ -100,23 +105,23 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     pipeline = app[PIPELINE]
     raw_path, query = split_target(request.raw_path)
     path = normalise(raw_path)
-    route, target = app[ROUTES].match(path, request.method)
+    route, target = app[ROUTES].table.match(path, request.method)  # this table, to the end
     target = normalise(target)
     if not target.startswith(TARGET_PREFIX):
         raise BadRequest(f"the mapped path leaves {TARGET_PREFIX}; nothing was sent to CPI")
-    token = bearer_token(request.headers.getall("Authorization", []))
-    claims = await pipeline.validator.validate(token)
-    authorize(claims, route.scopes)
-    if route.grant == "client-credentials":
-        cpi_token = await pipeline.exchanger.for_client()
-    else:
-        cpi_token = await pipeline.exchanger.for_user(claims, token)
+    credentials = CpiCredentials(pipeline.exchanger)
+    if route.authentication == "xsuaa":
+        token = bearer_token(request.headers.getall("Authorization", []))
+        claims = await pipeline.validator.validate(token)
+        authorize(claims, route.scopes)
+        if route.grant == "jwt-bearer":
+            credentials = CpiCredentials(pipeline.exchanger, claims, token)
     return await pipeline.forwarder.forward(
         request,
         route,
         target,
         query,
-        token=cpi_token.access_token,
+        credentials=credentials,
         correlation_id=correlation_id(request),
     )
 
@@ -125,14 +130,9 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "UP"})
 
 
-def client_ssl_context() -> ssl.SSLContext:
-    """The system trust store; OpenSSL honours SSL_CERT_FILE/SSL_CERT_DIR for private CAs."""
-    return ssl.create_default_context()
-
-
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     settings, bindings = app[SETTINGS], app[BINDINGS]
-    connector = aiohttp.TCPConnector(ssl=client_ssl_context(), limit=settings.max_connections)
+    connector = aiohttp.TCPConnector(ssl=client_context(), limit=settings.max_connections)
     session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -148,19 +148,32 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         min_refresh=settings.keys_min_refresh,
         timeout=settings.exchange_timeout,
     )
+    exchanger = TokenExchanger(
+        session,
+        bindings.cpi,
+        cache_size=settings.cache_size,
+        timeout=settings.exchange_timeout,
+        margin=settings.token_margin,
+    )
+    csrf = CsrfStore(
+        session,
+        cache_size=settings.cache_size,
+        timeout=aiohttp.ClientTimeout(total=settings.exchange_timeout),
+    )
     app[PIPELINE] = Pipeline(
         keys=keys,
         validator=TokenValidator(
             bindings.xsuaa, keys, leeway=settings.leeway, cache_size=settings.cache_size
         ),
-        exchanger=TokenExchanger(
+        exchanger=exchanger,
+        forwarder=Forwarder(
             session,
-            bindings.cpi,
-            cache_size=settings.cache_size,
-            timeout=settings.exchange_timeout,
-            margin=settings.token_margin,
+            bindings.cpi.url,
+            connect_timeout=settings.connect_timeout,
+            replay_limit=settings.replay_limit,
+            csrf=csrf,
         ),
-        forwarder=Forwarder(session, bindings.cpi.url, connect_timeout=settings.connect_timeout),
+        csrf=csrf,
     )
     warm_up = asyncio.ensure_future(keys.refresh())  # first request need not wait for keys
     warm_up.add_done_callback(_log_warm_up)
@@ -170,7 +183,24 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         warm_up.cancel()
         with contextlib.suppress(asyncio.CancelledError, KeyFetchError):
             await warm_up
+        await exchanger.close()
         await session.close()
+
+
+async def _live_reload(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP and a cheap poll of the route file both reload the table."""
+    state, interval = app[ROUTES], app[SETTINGS].reload_interval
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, state.reload)
+    watcher = asyncio.ensure_future(state.watch(interval)) if interval > 0 else None
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 def _log_warm_up(task: asyncio.Future[None]) -> None:
@@ -178,7 +208,15 @@ def _log_warm_up(task: asyncio.Future[None]) -> None:
         log.warning("XSUAA keys not loaded at start; will retry on the first request")
 
 
-def create_app(settings: Settings, bindings: Bindings, routes: RouteTable) -> web.Application:
+def create_app(
+    settings: Settings,
+    bindings: Bindings,
+    routes: RouteTable,
+    *,
+    routes_file: Path | None = None,
+    live_reload: bool = False,
+) -> web.Application:
+    """The proxy; `live_reload` (serve) reloads `routes_file` on SIGHUP and when it changes."""
     # Real XSUAA tokens with many role collections exceed aiohttp's 8 KiB header default; allow
     # 32 KiB so tokens up to MAX_TOKEN_BYTES reach the validator and get a JSON answer.
     app = web.Application(
@@ -187,8 +225,11 @@ def create_app(settings: Settings, bindings: Bindings, routes: RouteTable) -> we
     )
     app[SETTINGS] = settings
     app[BINDINGS] = bindings
-    app[ROUTES] = routes.resolve(bindings.xsuaa.xsappname)  # idempotent
+    app[ROUTES] = RouteState(routes, bindings.xsuaa.xsappname, routes_file)
+    warn_public_routes(app[ROUTES].table)
     app.cleanup_ctx.append(_pipeline)
+    if live_reload:
+        app.cleanup_ctx.append(_live_reload)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app

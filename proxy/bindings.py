@@ -14,6 +14,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import cfenv
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from proxy.errors import ConfigError
 
@@ -22,11 +24,13 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 @dataclass(frozen=True)
 class XsuaaBinding:
-    """The app's own XSUAA instance: it signs the user tokens cpi-proxy accepts."""
+    """The app's own XSUAA instance: it signs the user tokens cpi-proxy accepts.
+
+    Only public facts are needed to validate tokens, so its secret or certificate is not kept.
+    """
 
     name: str
     clientid: str
-    clientsecret: str = field(repr=False)
     url: str
     uaadomain: str
     xsappname: str
@@ -41,13 +45,23 @@ class XsuaaBinding:
 
 @dataclass(frozen=True)
 class CpiBinding:
-    """The it-rt (integration-flow) instance: its client mints CPI tokens; `url` is the runtime."""
+    """The it-rt (integration-flow) instance: its client mints CPI tokens; `url` is the runtime.
+
+    Authenticated by `clientsecret` (HTTP Basic) or, for x509 bindings, by `certificate` + `key`
+    over mutual TLS at the certificate endpoint (then `tokenurl` is that endpoint).
+    """
 
     name: str
     clientid: str
-    clientsecret: str = field(repr=False)
     tokenurl: str
     url: str
+    clientsecret: str | None = field(default=None, repr=False)
+    certificate: str | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
+
+    @property
+    def x509(self) -> bool:
+        return self.certificate is not None
 
 
 @dataclass(frozen=True)
@@ -129,11 +143,6 @@ def _require(creds: Mapping[str, Any], key: str, where: str) -> str:
 def _xsuaa(service: Any) -> XsuaaBinding:
     creds: Mapping[str, Any] = service.credentials
     where = f"xsuaa service {service.name!r}"
-    if not creds.get("clientsecret") and creds.get("certificate"):
-        raise ConfigError(
-            f"{where} uses x509 credentials, which this version does not support; bind it with"
-            ' {"credential-type": "binding-secret"}'
-        )
     zone = creds.get("identityzoneid") or creds.get("tenantid")
     if not isinstance(zone, str) or not zone:
         raise ConfigError(f"{where} lacks credentials.identityzoneid (or tenantid)")
@@ -143,7 +152,6 @@ def _xsuaa(service: Any) -> XsuaaBinding:
     return XsuaaBinding(
         name=str(service.name),
         clientid=_require(creds, "clientid", where),
-        clientsecret=_require(creds, "clientsecret", where),
         url=check_url(f"{where} credentials.url", _require(creds, "url", where)),
         uaadomain=uaadomain,
         xsappname=_require(creds, "xsappname", where),
@@ -162,18 +170,51 @@ def _cpi(service: Any) -> CpiBinding:
     outer: Mapping[str, Any] = service.credentials
     nested = outer.get("oauth")
     creds: Mapping[str, Any] = nested if isinstance(nested, dict) else outer
-    if not creds.get("clientsecret") and creds.get("certificate"):
-        raise ConfigError(
-            f"{where} uses x509 credentials, which this version does not support; create the"
-            ' binding with {"credential-type": "binding-secret"}'
+    common = {
+        "name": str(service.name),
+        "clientid": _require(creds, "clientid", where),
+        "url": check_url(f"{where} credentials.url", _require(creds, "url", where)),
+    }
+    if creds.get("clientsecret") or not creds.get("certificate"):
+        tokenurl = _require(creds, "tokenurl", where)
+        return CpiBinding(
+            **common,
+            tokenurl=check_url(f"{where} credentials.tokenurl", tokenurl),
+            clientsecret=_require(creds, "clientsecret", where),
         )
+    certificate, key = _require(creds, "certificate", where), _require(creds, "key", where)
+    _check_pem(where, certificate, key)
     return CpiBinding(
-        name=str(service.name),
-        clientid=_require(creds, "clientid", where),
-        clientsecret=_require(creds, "clientsecret", where),
-        tokenurl=check_url(f"{where} credentials.tokenurl", _require(creds, "tokenurl", where)),
-        url=check_url(f"{where} credentials.url", _require(creds, "url", where)),
+        **common,
+        tokenurl=check_url(f"{where} certificate token URL", cert_token_url(creds, where)),
+        certificate=certificate,
+        key=key,
     )
+
+
+def cert_token_url(creds: Mapping[str, Any], where: str) -> str:
+    """x509 token requests go to the certificate endpoint: `certurl`, else the tokenurl's host
+    with `.authentication.` turned into `.authentication.cert.` (XSUAA's naming)."""
+    certurl = creds.get("certurl")
+    if isinstance(certurl, str) and certurl:
+        return certurl.rstrip("/") + "/oauth/token"
+    tokenurl = _require(creds, "tokenurl", where)
+    parts = urlsplit(tokenurl)
+    host = parts.netloc
+    if ".authentication." in host and ".authentication.cert." not in host:
+        host = host.replace(".authentication.", ".authentication.cert.", 1)
+    return parts._replace(netloc=host).geturl()
+
+
+def _check_pem(where: str, certificate: str, key: str) -> None:
+    """Refuse at start what mutual TLS would refuse on the first request."""
+    try:
+        x509.load_pem_x509_certificate(certificate.encode("ascii"))
+        serialization.load_pem_private_key(key.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise ConfigError(
+            f"{where}: credentials.certificate/key are not a PEM certificate and unencrypted key"
+        ) from None
 
 
 def load_bindings(

@@ -41,20 +41,23 @@ def load_config(environ: Mapping[str, str]) -> Config:
 def describe(config: Config) -> str:
     """The resolved configuration for humans; secrets are masked."""
     x, c = config.bindings.xsuaa, config.bindings.cpi
+    auth = "x509 certificate (mTLS)" if c.x509 else "clientsecret ****"
     lines = [
-        f"XSUAA  service {x.name!r}: clientid {x.clientid}, clientsecret ****, xsappname"
-        f" {x.xsappname}, zone {x.zone_id}, keys {x.jwks_url}"
+        f"XSUAA  service {x.name!r}: clientid {x.clientid}, xsappname {x.xsappname},"
+        f" zone {x.zone_id}, keys {x.jwks_url}"
         + (", verificationkey present" if x.verificationkey else ""),
-        f"CPI    service {c.name!r}: clientid {c.clientid}, clientsecret ****,"
+        f"CPI    service {c.name!r}: clientid {c.clientid}, {auth},"
         f" tokenurl {c.tokenurl}, runtime {c.url}",
         f"routes from {config.settings.routes_file} (first match wins):",
     ]
     for r in config.routes.routes:
         methods = ", ".join(sorted(r.methods)) if r.methods else "all methods"
         scopes = " or ".join(r.scopes) if r.scopes else "(any valid user token)"
+        if r.authentication == "none":
+            scopes = "(public: authenticationType none)"
         lines.append(
             f"  {r.name}: {r.source.pattern} -> {r.target}  [{methods}]  scope {scopes}"
-            f"  grant {r.grant}  timeout {r.timeout:g}s"
+            f"  grant {r.grant}  csrf {str(r.csrf).lower()}  timeout {r.timeout:g}s"
         )
     return "\n".join(lines)
 
@@ -103,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(config))
         return 0
     settings = replace(config.settings, host=args.host or config.settings.host)
-    app = create_app(settings, config.bindings, config.routes)
+    app = create_app(
+        settings, config.bindings, config.routes, routes_file=settings.routes_file, live_reload=True
+    )
     web.run_app(
         app,
         host=settings.host,

@@ -8,11 +8,14 @@
      +-- Unauthorized         401    no bearer token
      +-- InvalidToken         401    the token is bad (signature, exp, audience, zone, ...)
      +-- InsufficientScope    403    valid token without the route's scope
+     +-- CsrfRequired         403    CPI wants a CSRF token and the body cannot be replayed
+     +-- CpiUnauthorized      401    CPI refused the CPI token and the request cannot be replayed
      +-- TokenExchangeFailed  502    XSUAA refused the exchange (4xx) or answered garbage
      +-- KeysUnavailable      503    XSUAA's keys cannot be fetched and none are cached
      +-- ExchangeUnavailable  503    XSUAA answered 5xx or is unreachable
      +-- ExchangeTimeout      504    XSUAA did not answer in time
      +-- UpstreamUnreachable  502    CPI cannot be reached
+     +-- CsrfFetchFailed      502    CPI gave no CSRF token when asked for one
      +-- UpstreamTimeout      504    CPI did not answer within the route's timeout
 
 PyJWT's split is kept: "the token is bad" is a 401, "the infrastructure failed" is a 5xx.
@@ -85,6 +88,24 @@ class InsufficientScope(ProxyError):
             f'Bearer realm="cpi-proxy", error="insufficient_scope", scope="{" ".join(scopes)}"'
         )
         super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
+class CsrfRequired(ProxyError):
+    status = 403
+    error = "csrf_required"
+
+
+class CpiUnauthorized(ProxyError):
+    status = 401
+    error = "cpi_unauthorized"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, headers={"WWW-Authenticate": 'Bearer realm="cpi"'})
+
+
+class CsrfFetchFailed(ProxyError):
+    status = 502
+    error = "csrf_fetch_failed"
 
 
 class TokenExchangeFailed(ProxyError):

@@ -3,17 +3,21 @@
 CPI tokens are cached in a bounded `TLRUCache`: each entry lives until its own expiry minus a
 safety margin (and never past the user token's expiry). Keys are hashes of the user token plus
 the CPI client id, so two users can never share an entry. Concurrent requests for the same key
-share one in-flight exchange (async-lru's recipe: cache the task, shield the waiters, evict on
-failure): failures are not cached, and one cancelled client does not cancel the others.
+share one in-flight exchange (`SingleFlight`): failures are not cached, and one cancelled
+client does not cancel the others. When CPI refuses a cached token, `renew_*` replaces it with
+one exchange however many requests saw the refusal. The technical-user (client-credentials)
+token is refreshed in the background before it expires, so no request waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,8 +34,11 @@ from proxy.errors import (
     ExchangeTimeout,
     ExchangeUnavailable,
     InvalidToken,
+    ProxyError,
     TokenExchangeFailed,
 )
+from proxy.singleflight import SingleFlight
+from proxy.tls import mtls_context
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ class CpiToken:
     scopes: frozenset[str]
     expires_at: float  # on the exchanger's clock
     cache_until: float  # on the exchanger's clock
+    fetched_at: float  # on the exchanger's clock
 
 
 def _short(text: object, limit: int = 200) -> str:
@@ -50,7 +58,7 @@ def _short(text: object, limit: int = 200) -> str:
     return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
-def _hint(status: int, error: str, body: str) -> str:
+def _hint(status: int, error: str, body: str, credential: str) -> str:
     text = body.lower()
     if "uaa.user" in text or "no scopes" in text:
         return (
@@ -58,7 +66,7 @@ def _hint(status: int, error: str, body: str) -> str:
             " template in the app's xs-security.json and that role to the user's role collection"
         )
     if error == "invalid_client" or (status == 401 and not error):
-        return "check the it-rt binding's clientid and clientsecret (re-create the binding)"
+        return f"check the it-rt binding's clientid and {credential} (re-create the binding)"
     if error == "unauthorized_client":
         return (
             "the CPI client may not use this grant: add it to grant-types in the it-rt instance"
@@ -92,80 +100,130 @@ class TokenExchanger:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
         self._margin = margin
-        self._clock = clock
-        # Raw id:secret, as @sap/xssec sends it (XSUAA client ids hold "!" and "|").
-        basic = base64.b64encode(f"{binding.clientid}:{binding.clientsecret}".encode()).decode()
-        self._headers = {**_TOKEN_REQUEST_HEADERS, "Authorization": f"Basic {basic}"}
+        self.now = clock
         self._cache: TLRUCache[bytes, CpiToken] = TLRUCache(
             maxsize=cache_size, ttu=lambda _k, token, _now: token.cache_until, timer=clock
         )
-        self._inflight: dict[bytes, asyncio.Future[CpiToken]] = {}
-        self.waiting = 0  # callers awaiting an in-flight exchange (observable for tests)
+        self._flights: SingleFlight[bytes, CpiToken] = SingleFlight()
+        self._headers = dict(_TOKEN_REQUEST_HEADERS)
+        self._ssl: ssl.SSLContext | bool = True
+        self._credential = "certificate and key" if binding.x509 else "clientsecret"
+        if binding.certificate is not None and binding.key is not None:
+            self._ssl = mtls_context(binding.certificate, binding.key)  # no secret is sent
+        else:
+            # Raw id:secret, as @sap/xssec sends it (XSUAA client ids hold "!" and "|").
+            pair = f"{binding.clientid}:{binding.clientsecret}".encode()
+            self._headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
         self._client_id = binding.clientid.encode()
         self._client_key = hashlib.sha256(b"client-credentials\0" + self._client_id).digest()
+        self._refresh: asyncio.TimerHandle | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     @property
     def cached(self) -> int:
         return len(self._cache)
 
+    @property
+    def waiting(self) -> int:
+        return self._flights.waiting
+
+    def _user_key(self, claims: Claims) -> bytes:
+        return hashlib.sha256(claims.token_hash + b"\0" + self._client_id).digest()
+
     async def for_user(self, claims: Claims, user_token: str) -> CpiToken:
         """The CPI token carrying this user, from the cache or one shared exchange."""
-        key = hashlib.sha256(claims.token_hash + b"\0" + self._client_id).digest()
+        key = self._user_key(claims)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        form = {
-            "grant_type": JWT_BEARER,
-            "assertion": user_token,
-            "client_id": self._binding.clientid,
-            "response_type": "token",
-        }
-        user_left = claims.expires_at - time.time()
-        return await self._get(key, partial(self._request, form, user_left))
+        return await self._flights.run(key, partial(self._exchange, key, claims, user_token))
 
     async def for_client(self) -> CpiToken:
         """One technical-user token shared by every request of client-credentials routes."""
         cached = self._cache.get(self._client_key)
         if cached is not None:
             return cached
-        form = {"grant_type": "client_credentials", "client_id": self._binding.clientid}
-        return await self._get(self._client_key, partial(self._request, form, None))
+        return await self._flights.run(self._client_key, self._client_credentials)
 
-    async def _get(self, key: bytes, fetch: Callable[[], Awaitable[CpiToken]]) -> CpiToken:
-        """Join the in-flight fetch for `key`, or start one (callers checked the cache)."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch_and_store(key, fetch))
-            self._inflight[key] = task
-            task.add_done_callback(partial(self._forget, key))
-        self.waiting += 1
-        try:
-            return await asyncio.shield(task)
-        finally:
-            self.waiting -= 1
+    async def renew_user(self, claims: Claims, user_token: str, stale: CpiToken) -> CpiToken:
+        """A token other than `stale` (which CPI refused): many callers, one exchange."""
+        key = self._user_key(claims)
+        return await self._renew(key, stale, partial(self._exchange, key, claims, user_token))
 
-    def _forget(self, key: bytes, task: asyncio.Future[CpiToken]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # mark retrieved: every waiter may have gone away
+    async def renew_client(self, stale: CpiToken) -> CpiToken:
+        return await self._renew(self._client_key, stale, self._client_credentials)
 
-    async def _fetch_and_store(
-        self, key: bytes, fetch: Callable[[], Awaitable[CpiToken]]
+    async def _renew(
+        self, key: bytes, stale: CpiToken, fetch: Callable[[], Awaitable[CpiToken]]
     ) -> CpiToken:
-        token = await fetch()
-        if token.cache_until > self._clock():
-            self._cache[key] = token
+        current = self._cache.get(key)
+        if current is not None and current is not stale:
+            return current  # another request renewed it already
+        if current is stale and not self._flights.busy(key):
+            del self._cache[key]
+        return await self._flights.run(key, fetch)
+
+    async def _exchange(self, key: bytes, claims: Claims, user_token: str) -> CpiToken:
+        form = {
+            "grant_type": JWT_BEARER,
+            "assertion": user_token,
+            "client_id": self._binding.clientid,
+            "response_type": "token",
+        }
+        token = await self._request(form, claims.expires_at - time.time())
+        self._store(key, token)
         return token
+
+    async def _client_credentials(self) -> CpiToken:
+        form = {"grant_type": "client_credentials", "client_id": self._binding.clientid}
+        token = await self._request(form, None)
+        self._store(self._client_key, token)
+        if token.cache_until > self.now():  # a token too short-lived to cache is not refreshed
+            self._schedule_refresh(token)
+        return token
+
+    def _store(self, key: bytes, token: CpiToken) -> None:
+        if token.cache_until > self.now():
+            self._cache[key] = token
+
+    # --- technical-user token: refreshed ahead of expiry, so no request waits for it ---------
+
+    def _schedule_refresh(self, token: CpiToken, fraction: float = 0.75) -> None:
+        """Refresh when `fraction` of the cached life has passed (retries use a later point)."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+        delay = max(0.0, (token.cache_until - self.now()) * fraction)
+        loop = asyncio.get_running_loop()
+        self._refresh = loop.call_later(delay, self._start_refresh, token)
+
+    def _start_refresh(self, token: CpiToken) -> None:
+        self._refresh = None
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_client(token))
+
+    async def _refresh_client(self, current: CpiToken) -> None:
+        try:
+            await self._flights.run(self._client_key, self._client_credentials)
+        except ProxyError as exc:
+            # The current token still serves; try again halfway to its end.
+            log.warning("background refresh of the technical-user token failed: %s", exc.error)
+            if current.cache_until > self.now():
+                self._schedule_refresh(current, fraction=0.5)
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
 
     async def _request(self, form: dict[str, str], user_left: float | None) -> CpiToken:
         url = self._binding.tokenurl
         host = urlsplit(url).netloc
         try:
             async with self._session.post(
-                url,
-                data=form,
-                timeout=self._timeout,
-                headers=self._headers,
+                url, data=form, timeout=self._timeout, headers=self._headers, ssl=self._ssl
             ) as resp:
                 status = resp.status
                 body = await resp.text(errors="replace")
@@ -174,6 +232,12 @@ class TokenExchanger:
                 f"XSUAA at {host} did not answer the token request within {self._timeout_s:g} s"
             ) from None
         except aiohttp.ClientError as exc:
+            if self._binding.x509 and _tls_refused(exc):
+                raise TokenExchangeFailed(
+                    f"XSUAA's certificate endpoint {host} refused the TLS handshake"
+                    f" ({exc.__class__.__name__}): check the it-rt binding's certificate and key"
+                    " (expired, or not the binding's own)"
+                ) from None
             raise ExchangeUnavailable(
                 f"cannot reach XSUAA at {host} ({exc.__class__.__name__}); retry later"
             ) from None
@@ -190,7 +254,7 @@ class TokenExchanger:
         if form.get("assertion") and error in _ASSERTION_REFUSED:
             # The user's token, not our setup, is at fault: the caller must get a new one.
             raise InvalidToken(f"XSUAA refused the user token for the exchange: {said}")
-        raise TokenExchangeFailed(f"{said}; {_hint(status, error, body)}")
+        raise TokenExchangeFailed(f"{said}; {_hint(status, error, body, self._credential)}")
 
     def _parse(self, body: str, user_left: float | None) -> CpiToken:
         data = _json_object(body)
@@ -200,7 +264,7 @@ class TokenExchanger:
             raise TokenExchangeFailed("XSUAA answered 200 without an access_token")
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             raise TokenExchangeFailed("XSUAA answered 200 without a numeric expires_in")
-        now = self._clock()
+        now = self.now()
         lifetime = float(expires_in) - self._margin
         if user_left is not None:
             lifetime = min(lifetime, user_left)
@@ -210,7 +274,43 @@ class TokenExchanger:
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
             expires_at=now + float(expires_in),
             cache_until=now + lifetime,
+            fetched_at=now,
         )
+
+
+@dataclass
+class CpiCredentials:
+    """The CPI token source of one request: its route's grant, and the caller if any."""
+
+    exchanger: TokenExchanger
+    claims: Claims | None = None  # None: client-credentials
+    user_token: str = field(default="", repr=False)
+    begun: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.begun = self.exchanger.now()
+
+    async def get(self) -> CpiToken:
+        if self.claims is None:
+            return await self.exchanger.for_client()
+        return await self.exchanger.for_user(self.claims, self.user_token)
+
+    def renewable(self, token: CpiToken) -> bool:
+        """Only a token that came from the cache can be stale; a fresh refusal is final."""
+        return token.fetched_at < self.begun
+
+    async def renew(self, stale: CpiToken) -> CpiToken:
+        if self.claims is None:
+            return await self.exchanger.renew_client(stale)
+        return await self.exchanger.renew_user(self.claims, self.user_token, stale)
+
+
+def _tls_refused(exc: aiohttp.ClientError) -> bool:
+    """A handshake the server refused (bad client certificate), as opposed to no server."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, aiohttp.ClientOSError) and ("alert" in text or "certificate" in text)
 
 
 def _json_object(body: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Forward a request to the CPI runtime and stream the answer back.
 
-Bodies stream both ways (never read whole), so a 1 GiB upload or download costs a few buffers of
-memory. Content-Encoding passes through untouched: the session does not decompress, and it adds no
+Bodies stream both ways, so a 1 GiB upload or download costs a few buffers of memory; only a
+body up to the replay limit (by Content-Length) is held, so that it can be sent a second time
+when CPI refuses a stale CPI token (401) or CSRF token (403 `X-CSRF-Token: Required`).
+Content-Encoding passes through untouched: the session does not decompress, and it adds no
 Accept-Encoding, User-Agent or Content-Type of its own. Cookies never cross the proxy in either
 direction: the session's jar is a DummyCookieJar, so one user's CPI session can never be replayed
 for another.
@@ -10,13 +12,17 @@ for another.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.csrf import MODIFYING, CsrfState, CsrfStore
+from proxy.csrf import required as csrf_required
+from proxy.errors import CpiUnauthorized, CsrfRequired, UpstreamTimeout, UpstreamUnreachable
+from proxy.exchange import CpiCredentials, CpiToken
 from proxy.routes import Route
 
 log = logging.getLogger(__name__)
@@ -58,15 +64,17 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def upstream_headers(
-    request: web.BaseRequest, *, token: str, correlation_id: str
+    request: web.BaseRequest, *, correlation_id: str, csrf_managed: bool = False
 ) -> CIMultiDict[str]:
+    """The client's headers as CPI should see them, less Authorization (set per attempt)."""
     incoming = request.headers
     drop = _REQUEST_DROP | _connection_tokens(incoming)
+    if csrf_managed:
+        drop = drop | {"x-csrf-token"}  # the proxy holds the user's CSRF session, not the client
     out = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
     if not request.body_exists:
         out.popall("Content-Length", None)
     forwarded_for = ", ".join([*incoming.getall("X-Forwarded-For", []), request.remote or ""])
-    out["Authorization"] = f"Bearer {token}"
     out["X-Forwarded-For"] = forwarded_for.strip(", ")
     out["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", request.scheme)
     out["X-Forwarded-Host"] = incoming.get("X-Forwarded-Host", request.host)
@@ -81,13 +89,38 @@ def downstream_headers(upstream: CIMultiDictProxy[str], correlation_id: str) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Body:
+    """The request body: buffered when small enough to send twice, else streamed once."""
+
+    data: bytes | aiohttp.StreamReader | None
+    replayable: bool
+
+
+async def read_body(request: web.Request, limit: int) -> Body:
+    if not request.body_exists:
+        return Body(None, replayable=True)
+    length = request.content_length
+    if length is not None and length <= limit:
+        return Body(await request.content.read(), replayable=True)
+    return Body(request.content, replayable=False)  # chunked, or too large to hold
+
+
 class Forwarder:
     def __init__(
-        self, session: aiohttp.ClientSession, base_url: str, *, connect_timeout: float
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        replay_limit: int,
+        csrf: CsrfStore,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._connect_timeout = connect_timeout
+        self._replay_limit = replay_limit
+        self._csrf = csrf
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
@@ -107,17 +140,74 @@ class Forwarder:
         path: str,
         query: str,
         *,
-        token: str,
+        credentials: CpiCredentials,
         correlation_id: str,
     ) -> web.StreamResponse:
-        url = URL(f"{self._base}{path}{'?' + query if query else ''}", encoded=True)
-        headers = upstream_headers(request, token=token, correlation_id=correlation_id)
+        """Send, and at most once each: renew a refused CPI token, refetch a CSRF token."""
+        endpoint = URL(f"{self._base}{path}", encoded=True)
+        url = URL(f"{self._base}{path}?{query}", encoded=True) if query else endpoint
+        csrf_on = request.method in MODIFYING and route.csrf is not False
+        headers = upstream_headers(request, correlation_id=correlation_id, csrf_managed=csrf_on)
+        body = await read_body(request, self._replay_limit)
+        token = await credentials.get()
+        csrf = self._csrf.cached(token) if csrf_on else None
+        if csrf_on and csrf is None and route.csrf is True:
+            csrf = await self._csrf.fresh(token, endpoint, correlation_id)
+        renewed = refetched = False
+        while True:
+            upstream = await self._send(request, route, url, headers, body, token, csrf)
+            if upstream.status == 401 and not renewed and credentials.renewable(token):
+                renewed = True
+                await _discard(upstream)
+                token = await credentials.renew(token)
+                csrf = self._csrf.cached(token) if csrf_on else None
+                if body.replayable:
+                    continue
+                raise CpiUnauthorized(
+                    "CPI refused the cached CPI token; a new one is in place, but this request's"
+                    " body (chunked or over the replay limit) cannot be sent twice: retry it"
+                )
+            if csrf_on and not refetched and csrf_required(upstream):
+                refetched = True
+                await _discard(upstream)
+                csrf = await self._csrf.fresh(token, endpoint, correlation_id, stale=csrf)
+                if body.replayable:
+                    continue
+                raise CsrfRequired(
+                    "the iFlow is CSRF protected and this request's body (chunked or over the"
+                    " replay limit) cannot be sent twice; a CSRF token is now cached: retry, or"
+                    ' set "csrf": true on the route so the token is fetched first'
+                )
+            if upstream.status == 401:
+                await _discard(upstream)
+                raise CpiUnauthorized(
+                    "CPI refused the CPI token XSUAA had just issued: check that the it-rt"
+                    " instance belongs to this CPI tenant and the iFlow's authorization settings"
+                )
+            return await self._respond(request, upstream, correlation_id)
+
+    async def _send(
+        self,
+        request: web.Request,
+        route: Route,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: Body,
+        token: CpiToken,
+        csrf: CsrfState | None,
+    ) -> aiohttp.ClientResponse:
+        attempt = headers.copy()
+        attempt["Authorization"] = f"Bearer {token.access_token}"
+        if csrf is not None:
+            attempt["X-CSRF-Token"] = csrf.token
+            if csrf.cookie:
+                attempt["Cookie"] = csrf.cookie
         try:
-            upstream = await self._session.request(
+            return await self._session.request(
                 request.method,
                 url,
-                headers=headers,
-                data=request.content if request.body_exists else None,
+                headers=attempt,
+                data=body.data,
                 timeout=self._timeout(route),
                 allow_redirects=False,
             )
@@ -129,6 +219,10 @@ class Forwarder:
             raise UpstreamUnreachable(
                 f"cannot reach the CPI runtime at {url.host} ({exc.__class__.__name__})"
             ) from None
+
+    async def _respond(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, correlation_id: str
+    ) -> web.StreamResponse:
         async with upstream:
             response = web.StreamResponse(
                 status=upstream.status,
@@ -136,20 +230,27 @@ class Forwarder:
                 headers=downstream_headers(upstream.headers, correlation_id),
             )
             await response.prepare(request)
-            await self._relay(request, upstream, response)
+            await _relay(request, upstream, response)
         return response
 
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-    ) -> None:
-        """Copy the body; if either side breaks, cut the client's connection rather than end
-        the response cleanly, so a truncated body never looks complete."""
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except ConnectionResetError:
-            log.info("client went away during the response")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("CPI broke off the response body (%s)", exc.__class__.__name__)
-            if request.transport is not None:
-                request.transport.close()
+
+async def _discard(upstream: aiohttp.ClientResponse) -> None:
+    """Drop a refusal (small by nature) so its connection can serve the retry."""
+    async with upstream:
+        await upstream.read()
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+) -> None:
+    """Copy the body; if either side breaks, cut the client's connection rather than end the
+    response cleanly, so a truncated body never looks complete."""
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except ConnectionResetError:
+        log.info("client went away during the response")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("CPI broke off the response body (%s)", exc.__class__.__name__)
+        if request.transport is not None:
+            request.transport.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +23,23 @@ from proxy.paths import normalise
 
 Grant = Literal["jwt-bearer", "client-credentials"]
 GRANTS: tuple[Grant, ...] = ("jwt-bearer", "client-credentials")
+Csrf = Literal["auto", True, False]
+Authentication = Literal["xsuaa", "none"]
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TARGET_PREFIX = "/http/"
 _ROUTE_KEYS = frozenset(
-    {"name", "description", "source", "target", "scope", "methods", "grant", "timeout"}
+    {
+        "name",
+        "description",
+        "source",
+        "target",
+        "scope",
+        "methods",
+        "grant",
+        "timeout",
+        "csrf",
+        "authenticationType",
+    }
 )
 _TOP_KEYS = frozenset({"routes", "xsuaa", "cpi"})
 _GROUP_REF = re.compile(r"\$(\d+)")
@@ -41,6 +54,8 @@ class Route:
     methods: frozenset[str] | None  # None: every method
     grant: Grant = "jwt-bearer"
     timeout: float = 60.0
+    csrf: Csrf = "auto"
+    authentication: Authentication = "xsuaa"
 
     def target_for(self, match: re.Match[str]) -> str:
         return _GROUP_REF.sub(lambda m: match.group(int(m.group(1))) or "", self.target)
@@ -72,15 +87,7 @@ class RouteTable:
     def resolve(self, xsappname: str) -> RouteTable:
         """Expand $XSAPPNAME in scopes with the XSUAA binding's xsappname."""
         routes = tuple(
-            Route(
-                name=r.name,
-                source=r.source,
-                target=r.target,
-                scopes=tuple(s.replace("$XSAPPNAME", xsappname) for s in r.scopes),
-                methods=r.methods,
-                grant=r.grant,
-                timeout=r.timeout,
-            )
+            replace(r, scopes=tuple(s.replace("$XSAPPNAME", xsappname) for s in r.scopes))
             for r in self.routes
         )
         return RouteTable(routes, self.xsuaa_service, self.cpi_service)
@@ -154,7 +161,20 @@ def _parse_route(raw: Any, index: int, where: str) -> Route:
     timeout = raw.get("timeout", 60)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ConfigError(f"{at}: timeout must be a positive number of seconds")
-    return Route(name, source, target, tuple(scopes), methods, grant, float(timeout))
+    csrf = raw.get("csrf", "auto")
+    if csrf not in ("auto", True, False):
+        raise ConfigError(f'{at}: csrf must be "auto", true or false')
+    authentication = raw.get("authenticationType", "xsuaa")
+    if authentication not in ("xsuaa", "none"):
+        raise ConfigError(f'{at}: authenticationType must be "xsuaa" or "none"')
+    if authentication == "none" and (grant != "client-credentials" or scopes):
+        raise ConfigError(
+            f'{at}: authenticationType "none" needs grant "client-credentials" and no scope'
+            " (without a user token there is no user to exchange or scope to check)"
+        )
+    return Route(
+        name, source, target, tuple(scopes), methods, grant, float(timeout), csrf, authentication
+    )
 
 
 def parse_routes(data: Any, *, where: str = "route file") -> RouteTable:

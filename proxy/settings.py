@@ -31,6 +31,8 @@ class Settings:
     leeway: float = 60.0  # clock skew tolerated on exp/nbf
     connect_timeout: float = 10.0
     max_connections: int = 100
+    replay_limit: int = 1024 * 1024  # bodies up to this (by Content-Length) can be re-sent
+    reload_interval: float = 5.0  # seconds between route-file checks; 0: only on SIGHUP
 
 
 def effective_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
@@ -50,7 +52,9 @@ def effective_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
     return merged
 
 
-def _number(environ: Mapping[str, str], key: str, default: float, *, integer: bool) -> float:
+def _number(
+    environ: Mapping[str, str], key: str, default: float, *, integer: bool, zero: bool = False
+) -> float:
     raw = environ.get(key)
     if raw is None or raw.strip() == "":
         return default
@@ -59,8 +63,8 @@ def _number(environ: Mapping[str, str], key: str, default: float, *, integer: bo
     except ValueError:
         kind = "a whole number" if integer else "a number of seconds"
         raise ConfigError(f"{key}={raw!r} is not {kind}") from None
-    if value <= 0:
-        raise ConfigError(f"{key}={raw!r} must be greater than 0")
+    if value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{key}={raw!r} must be greater than {'or equal to ' if zero else ''}0")
     return value
 
 
@@ -88,5 +92,11 @@ def load(environ: Mapping[str, str]) -> Settings:
         ),
         max_connections=int(
             _number(environ, "CPI_PROXY_MAX_CONNECTIONS", d.max_connections, integer=True)
+        ),
+        replay_limit=int(
+            _number(environ, "CPI_PROXY_REPLAY_LIMIT", d.replay_limit, integer=True, zero=True)
+        ),
+        reload_interval=_number(
+            environ, "CPI_PROXY_RELOAD_INTERVAL", d.reload_interval, integer=False, zero=True
         ),
     )

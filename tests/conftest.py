@@ -16,11 +16,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from proxy.app import client_ssl_context, create_app
+from proxy.app import create_app
 from proxy.bindings import load_bindings
 from proxy.dev import DevCA, EmulatedIflowRuntime, EmulatedXsuaa, make_dev_ca
 from proxy.routes import parse_routes
 from proxy.settings import Settings
+from proxy.tls import client_context
 
 _OURS = ("VCAP_SERVICES", "VCAP_APPLICATION", "PORT", "LOG_LEVEL", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
@@ -103,7 +104,7 @@ MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 async def session(ca_file: Path) -> AsyncIterator[aiohttp.ClientSession]:
     """A client session trusting the test CA, like the proxy's own (for stage-level tests)."""
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_ssl_context())
+        connector=aiohttp.TCPConnector(ssl=client_context())
     ) as session:
         yield session
 

@@ -148,7 +148,8 @@ def test_services_can_be_chosen_by_name() -> None:
         (env(cpi_entry()), "no service with label 'xsuaa'"),
         (env(xsuaa_entry()), "no service with label 'it-rt'"),
         (env(xsuaa_entry(), xsuaa_entry(), cpi_entry()), "several 'xsuaa' services are bound"),
-        (env(xsuaa_entry(clientsecret=""), cpi_entry()), "lacks credentials.clientsecret"),
+        (env(xsuaa_entry(), cpi_entry(clientsecret="")), "lacks credentials.clientsecret"),
+        (env(xsuaa_entry(clientid=""), cpi_entry()), "lacks credentials.clientid"),
         (
             env(xsuaa_entry(uaadomain="https://x/y"), cpi_entry()),
             "uaadomain='https://x/y' must be a host",
@@ -162,7 +163,14 @@ def test_services_can_be_chosen_by_name() -> None:
             env(xsuaa_entry(), {**cpi_entry(), "plan": "api"}),
             "needs a binding of plan integration-flow",
         ),
-        (env(xsuaa_entry(), cpi_entry(clientsecret=None, certificate="PEM")), "x509 credentials"),
+        (
+            env(xsuaa_entry(), cpi_entry(clientsecret=None, certificate="PEM", key="KEY")),
+            "are not a PEM certificate and unencrypted key",
+        ),
+        (
+            env(xsuaa_entry(), cpi_entry(clientsecret=None, certificate="PEM")),
+            "lacks credentials.key",
+        ),
     ],
 )
 def test_bad_bindings_name_the_problem(environ: dict[str, str], message: str) -> None:
