@@ -19,7 +19,7 @@ from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 from proxy.app import create_app
 from proxy.bindings import load_bindings
 from proxy.dev import DevCA, EmulatedIflowRuntime, EmulatedXsuaa, make_dev_ca
-from proxy.routes import parse_routes
+from proxy.routes import load_routes, parse_routes
 from proxy.settings import Settings
 from proxy.tls import client_context
 
@@ -119,11 +119,20 @@ def make_proxy(
         routes: dict[str, Any] | None = None,
         cpi_url: str | None = None,
         vcap: dict[str, Any] | None = None,
+        routes_file: Path | None = None,
+        live_reload: bool = False,
         **settings: Any,
     ) -> TestClient[web.Request, web.Application]:
         services = vcap or xsuaa.vcap_services(cpi_url or iflow.url)
         bindings = load_bindings({"VCAP_SERVICES": json.dumps(services)})
-        app = create_app(Settings(**settings), bindings, parse_routes(routes or ROUTES))
+        table = load_routes(routes_file) if routes_file else parse_routes(routes or ROUTES)
+        app = create_app(
+            Settings(**settings),
+            bindings,
+            table,
+            routes_file=routes_file,
+            live_reload=live_reload,
+        )
         return await aiohttp_client(app)
 
     return make
