@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pytest_aiohttp import AiohttpServer
 
 from proxy.dev import (
@@ -24,6 +26,7 @@ from proxy.dev import (
     EmulatedXsuaa,
     OAuthClient,
     cached_rsa_key,
+    cpi_token_of,
     load_cpi_params,
     make_dev_ca,
 )
@@ -36,8 +39,9 @@ def ca() -> DevCA:
 
 @pytest.fixture
 async def session(ca: DevCA) -> AsyncIterator[aiohttp.ClientSession]:
+    """No cookie jar: tests that need cookies (CSRF sessions) send them explicitly."""
     connector = aiohttp.TCPConnector(ssl=ca.client_context())
-    async with aiohttp.ClientSession(connector=connector) as s:
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as s:
         yield s
 
 
@@ -96,9 +100,37 @@ async def verify(session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, token: st
 
 def test_dev_ca_hides_the_key_and_writes_a_trust_file(ca: DevCA, tmp_path: Path) -> None:
     assert "key_pem" not in repr(ca)
+    assert "PRIVATE" not in repr(ca)
     path = ca.write_ca(tmp_path)
     assert path.read_bytes() == ca.ca_pem
     ssl.create_default_context(cafile=str(path))  # loads as a trust store
+
+
+def test_client_certificates_are_strict_client_leaves(ca: DevCA) -> None:
+    cert_pem, key_pem = ca.issue_client_cert("some-client")
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    ca_cert = x509.load_pem_x509_certificate(ca.ca_pem)
+    extension = cert.extensions.get_extension_for_class
+
+    assert key_pem.startswith("-----BEGIN PRIVATE KEY-----")
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "some-client"
+    assert cert.issuer == ca_cert.subject
+    assert list(extension(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert (extension(x509.BasicConstraints).critical, extension(x509.KeyUsage).critical) == (
+        True,
+        True,
+    )
+    assert extension(x509.BasicConstraints).value.ca is False
+    assert extension(x509.KeyUsage).value.digital_signature
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert extension(x509.AuthorityKeyIdentifier).value.key_identifier == ca_ski.digest
+    cert.verify_directly_issued_by(ca_cert)
+
+
+def test_a_ca_without_its_key_cannot_issue(ca: DevCA) -> None:
+    public_only = DevCA(ca_pem=ca.ca_pem, cert_pem=ca.cert_pem, key_pem=ca.key_pem)
+    with pytest.raises(ValueError, match="no CA key"):
+        public_only.issue_client_cert("x")
 
 
 # --- XSUAA ------------------------------------------------------------------------------------
@@ -377,6 +409,146 @@ def test_cpi_params_shape_the_cpi_client(tmp_path: Path) -> None:
     assert xsuaa.cpi.authorities == {f"{app}.a", f"{app}.b"}
 
 
+def test_x509_bindings_carry_certificate_and_key_instead_of_a_secret() -> None:
+    xsuaa = EmulatedXsuaa()
+    xsuaa.base_url, xsuaa.cert_base_url = "https://127.0.0.1:8443", "https://127.0.0.1:8444"
+    vcap = xsuaa.vcap_services_x509("https://cpi.example", "CERT", "KEY", x509=("XC", "XK"))
+    assert vcap["it-rt"][0]["credentials"]["oauth"] == {
+        "clientid": xsuaa.cpi.client_id,
+        "certificate": "CERT",
+        "key": "KEY",
+        "tokenurl": "https://127.0.0.1:8444/oauth/token",
+        "url": "https://cpi.example",
+        "credential-type": "x509",
+    }
+    credentials = vcap["xsuaa"][0]["credentials"]
+    assert "clientsecret" not in credentials
+    assert {k: credentials[k] for k in ("credential-type", "certificate", "key", "certurl")} == {
+        "credential-type": "x509",
+        "certificate": "XC",
+        "key": "XK",
+        "certurl": "https://127.0.0.1:8444",
+    }
+    assert credentials["url"] == "https://127.0.0.1:8443"
+    plain = xsuaa.vcap_services("https://cpi.example", x509=("XC", "XK"))
+    assert plain["xsuaa"][0]["credentials"] == credentials
+    assert "clientsecret" in plain["it-rt"][0]["credentials"]["oauth"]
+
+
+# --- XSUAA certificate endpoint (mutual TLS) --------------------------------------------------
+
+
+@pytest.fixture
+async def mtls(ca: DevCA, aiohttp_server: AiohttpServer, xsuaa: EmulatedXsuaa) -> EmulatedXsuaa:
+    """The xsuaa fixture, also serving its certificate endpoint."""
+    server = await aiohttp_server(xsuaa.app_mtls(), ssl=ca.mtls_server_context())
+    xsuaa.cert_base_url = str(server.make_url("")).rstrip("/")
+    return xsuaa
+
+
+async def post_cert_token(
+    ca: DevCA,
+    tmp_path: Path,
+    xsuaa: EmulatedXsuaa,
+    cert: tuple[str, str] | None,
+    form: dict[str, str],
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """POST to the certificate endpoint presenting ``cert`` (None: no client certificate)."""
+    ctx = ca.client_context()
+    if cert is not None:
+        cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
+        cert_file.write_text(cert[0])
+        key_file.write_text(cert[1])
+        ctx.load_cert_chain(cert_file, key_file)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+        s.post(f"{xsuaa.cert_base_url}/oauth/token", data=form, headers=headers) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_the_registered_certificate_gets_cpi_tokens(
+    ca: DevCA, tmp_path: Path, session: aiohttp.ClientSession, mtls: EmulatedXsuaa
+) -> None:
+    cert = mtls.issue_cpi_client_cert(ca)
+    client_id = mtls.cpi.client_id
+    assertion = mtls.mint_user_token("alice")
+    jwt_bearer = {"grant_type": JWT_BEARER, "assertion": assertion, "client_id": client_id}
+    technical = {"grant_type": "client_credentials", "client_id": client_id}
+    wrong_secret = {"Authorization": aiohttp.encode_basic_auth(client_id, "ignored")}
+
+    user = await post_cert_token(ca, tmp_path, mtls, cert, jwt_bearer)
+    tech = await post_cert_token(ca, tmp_path, mtls, cert, technical, wrong_secret)
+
+    assert (user[0], tech[0]) == (200, 200)
+    claims = await verify(session, mtls, user[1]["access_token"])
+    assert (claims["user_name"], claims["cid"], claims["grant_type"]) == (
+        "alice",
+        client_id,
+        JWT_BEARER,
+    )
+    assert claims["iss"] == mtls.issuer  # the issuer is the zone's, not the cert endpoint's
+    claims = await verify(session, mtls, tech[1]["access_token"])
+    assert (claims["sub"], claims["grant_type"]) == (client_id, "client_credentials")
+    assert mtls.token_requests == {JWT_BEARER: 1, "client_credentials": 1}
+    subject = x509.load_pem_x509_certificate(cert[0].encode()).subject
+    assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == mtls.cpi_cert_cn
+
+
+async def test_the_certificate_endpoint_shares_faults_with_the_secret_one(
+    ca: DevCA, tmp_path: Path, mtls: EmulatedXsuaa
+) -> None:
+    cert = mtls.issue_cpi_client_cert(ca)
+    mtls.token_fault = "status:429"
+    form = {"grant_type": "client_credentials", "client_id": mtls.cpi.client_id}
+    status, _ = await post_cert_token(ca, tmp_path, mtls, cert, form)
+    assert (status, mtls.token_requests["client_credentials"]) == (429, 1)
+
+
+@pytest.mark.parametrize("presented", ["none", "foreign CA"])
+async def test_the_certificate_endpoint_refuses_the_handshake(
+    ca: DevCA, tmp_path: Path, mtls: EmulatedXsuaa, presented: str
+) -> None:
+    mtls.issue_cpi_client_cert(ca)
+    foreign = make_dev_ca()
+    # The right CN, even the same CA name, but not signed by the CA the endpoint trusts.
+    cert = ca.issue_client_cert(mtls.cpi_cert_cn, ca=foreign) if presented != "none" else None
+    form = {"grant_type": "client_credentials", "client_id": mtls.cpi.client_id}
+    # TLS 1.3: the client finishes first and learns of the refusal as a reset or alert; either
+    # way aiohttp reports a connection error (ClientOSError, ClientConnectorError, ...).
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await post_cert_token(ca, tmp_path, mtls, cert, form)
+    assert mtls.token_requests == {}
+
+
+@pytest.mark.parametrize(
+    ("cn", "client_id", "description"),
+    [
+        (None, "sb-cpitexxsappname!t4711", "client_id does not match the certificate"),
+        (None, None, "client_id does not match the certificate"),
+        ("someone-else", None, "Unknown client certificate"),
+    ],
+)
+async def test_the_certificate_must_match_a_client_and_the_client_id(
+    ca: DevCA,
+    tmp_path: Path,
+    mtls: EmulatedXsuaa,
+    cn: str | None,
+    client_id: str | None,
+    description: str,
+) -> None:
+    cert = mtls.issue_cpi_client_cert(ca) if cn is None else ca.issue_client_cert(cn)
+    form = {"grant_type": "client_credentials"}
+    if client_id is not None:
+        form["client_id"] = client_id
+    elif cn is not None:
+        form["client_id"] = mtls.cpi.client_id
+    status, body = await post_cert_token(ca, tmp_path, mtls, cert, form)
+    assert (status, body) == (401, {"error": "invalid_client", "error_description": description})
+    assert mtls.token_requests == {}
+
+
 # --- iFlow runtime ----------------------------------------------------------------------------
 
 
@@ -502,3 +674,204 @@ async def test_iflow_hang_is_released_on_demand(
     runtime.release_hangs()
     async with await request as r:
         assert r.status == 503
+
+
+# --- iFlow runtime: CSRF protection -----------------------------------------------------------
+
+
+async def fetch_csrf(
+    session: aiohttp.ClientSession, url: str, token: str, *, method: str = "GET"
+) -> tuple[str, str]:
+    """The CSRF token and the Cookie header value a client sends back with it."""
+    headers = {**bearer(token), "X-CSRF-Token": "fetch"}
+    async with session.request(method, f"{url}/http/orders", headers=headers) as r:
+        assert (r.status, await r.read()) == (200, b"")
+        return r.headers["X-CSRF-Token"], "; ".join(
+            f"{name}={morsel.value}" for name, morsel in r.cookies.items()
+        )
+
+
+async def post_with(
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    extra: dict[str, str],
+    path: str = "orders",
+) -> tuple[int, str, str | None]:
+    headers = {**bearer(token), **extra}
+    async with session.post(f"{url}/http/{path}", data=b"<o/>", headers=headers) as r:
+        return r.status, await r.text(), r.headers.get("X-CSRF-Token")
+
+
+REJECTED = (403, "CSRF token validation failed", "Required")
+
+
+async def test_csrf_fetch_opens_a_session_without_running_the_iflow(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    runtime.csrf_protected = True
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    headers = {**bearer(alice), "X-CSRF-Token": "Fetch"}
+    async with session.get(f"{url}/http/orders", headers=headers) as r:
+        fetched = (r.status, await r.read())
+        cookies, csrf = r.headers.getall("Set-Cookie"), r.headers["X-CSRF-Token"]
+    head_token, _ = await fetch_csrf(session, url, alice, method="HEAD")
+    async with session.get(f"{url}/http/_emu/status/202", headers=bearer(alice)) as r:
+        plain_get = r.status  # GET without the Fetch header runs the iFlow
+
+    assert (fetched, plain_get) == ((200, b""), 202)
+    session_id = cookies[0].removeprefix("JSESSIONID=").partition(";")[0]
+    assert cookies[0] == f"JSESSIONID={session_id}; Path=/; Secure; HttpOnly"
+    assert cookies[1].startswith("__VCAP_ID__=") and session_id
+    assert len({csrf, head_token, "Fetch"}) == 3
+    assert runtime.csrf_fetches == 2
+    assert [(q.method, q.csrf) for q in runtime.requests] == [
+        ("GET", "fetch"),
+        ("HEAD", "fetch"),
+        ("GET", ""),
+    ]
+
+
+async def test_csrf_protected_post_needs_token_and_session(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    runtime.csrf_protected = True
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    csrf, cookie = await fetch_csrf(session, url, alice)
+    other_csrf, other_cookie = await fetch_csrf(session, url, alice)
+
+    without = await post_with(session, url, alice, {})
+    token_only = await post_with(session, url, alice, {"X-CSRF-Token": csrf})
+    crossed = await post_with(session, url, alice, {"X-CSRF-Token": csrf, "Cookie": other_cookie})
+    accepted = await post_with(session, url, alice, {"X-CSRF-Token": csrf, "Cookie": cookie})
+    also = await post_with(
+        session, url, alice, {"X-CSRF-Token": other_csrf, "Cookie": other_cookie}
+    )
+
+    assert without == token_only == crossed == REJECTED
+    assert accepted == also == (200, "<o/>", None)
+    assert runtime.csrf_rejections == 3
+    seen = runtime.requests[-2]
+    assert (seen.csrf, seen.headers["X-CSRF-Token"], seen.headers["Cookie"]) == (
+        "accepted",
+        csrf,
+        cookie,
+    )
+    assert [q.csrf for q in runtime.requests[2:]] == ["rejected"] * 3 + ["accepted"] * 2
+
+
+async def test_csrf_session_of_one_user_does_not_serve_another(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    runtime.csrf_protected = True
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    bob = await exchange(session, xsuaa, "bob", "CpiTexUser")
+    csrf, cookie = await fetch_csrf(session, url, alice)
+    assert await post_with(session, url, bob, {"X-CSRF-Token": csrf, "Cookie": cookie}) == REJECTED
+    assert (runtime.requests[-1].subject, runtime.requests[-1].csrf) == ("bob", "rejected")
+
+
+async def test_expired_csrf_sessions_need_a_new_fetch(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    runtime.csrf_protected = True
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    csrf, cookie = await fetch_csrf(session, url, alice)
+    runtime.expire_csrf_sessions()
+    stale = await post_with(session, url, alice, {"X-CSRF-Token": csrf, "Cookie": cookie})
+    csrf, cookie = await fetch_csrf(session, url, alice)
+    fresh = await post_with(session, url, alice, {"X-CSRF-Token": csrf, "Cookie": cookie})
+    assert (stale, fresh[0]) == (REJECTED, 200)
+
+
+async def test_csrf_paths_protect_only_their_prefixes(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    runtime.csrf_paths = ("/http/csrf/",)
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    fetch = {**bearer(alice), "X-CSRF-Token": "Fetch"}
+    async with session.get(f"{url}/http/csrf/orders", headers=fetch) as r:
+        csrf, protected_fetch = r.headers.get("X-CSRF-Token"), await r.read()
+        cookie = f"JSESSIONID={r.cookies['JSESSIONID'].value}"
+    async with session.get(f"{url}/http/_emu/headers", headers=fetch) as r:
+        unprotected_fetch = (
+            r.status,
+            "X-CSRF-Token" in r.headers,
+            (await r.json())["x-csrf-token"],
+        )
+
+    assert (csrf is not None, protected_fetch) == (True, b"")
+    assert unprotected_fetch == (200, False, ["Fetch"])  # the iFlow ran; no session was opened
+    assert await post_with(session, url, alice, {}, path="csrf/orders") == REJECTED
+    assert (await post_with(session, url, alice, {}, path="orders"))[0] == 200
+    ok = await post_with(
+        session, url, alice, {"X-CSRF-Token": str(csrf), "Cookie": cookie}, path="csrf/orders"
+    )
+    assert ok[0] == 200
+    assert [q.csrf for q in runtime.requests] == ["fetch", "", "rejected", "", "accepted"]
+    assert (runtime.csrf_fetches, runtime.csrf_rejections) == (1, 1)
+
+
+# --- iFlow runtime: revoked tokens ------------------------------------------------------------
+
+
+async def get_status(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, str]:
+    async with session.get(f"{url}/http/ping", headers=bearer(token)) as r:
+        return r.status, await r.text()
+
+
+async def test_a_revoked_token_is_refused_and_a_fresh_one_accepted(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    first = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    assert (await get_status(session, url, first))[0] == 200
+    assert cpi_token_of(runtime.requests[-1]) == first
+
+    runtime.revoke(first)
+    async with session.get(f"{url}/http/ping", headers=bearer(first)) as r:
+        refused = (r.status, r.headers["WWW-Authenticate"], await r.text())
+    second = await exchange(session, xsuaa, "alice", "CpiTexUser")
+
+    assert refused == (401, "Bearer", "Unauthorized: token revoked")
+    assert (await get_status(session, url, second))[0] == 200
+    assert (runtime.revoked_hits, len(runtime.requests)) == (1, 2)
+
+
+async def test_revoking_a_subject_spares_later_tokens_and_other_subjects(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    alice = await exchange(session, xsuaa, "alice", "CpiTexUser")
+    unseen = await exchange(session, xsuaa, "alice", "CpiTexUser")  # never reached CPI
+    bob = await exchange(session, xsuaa, "bob", "CpiTexUser")
+    assert (await get_status(session, url, alice))[0] == 200
+
+    runtime.revoke_subject_tokens("alice")
+    later = await exchange(session, xsuaa, "alice", "CpiTexUser")  # most likely the same second
+
+    assert await get_status(session, url, alice) == (401, "Unauthorized: token revoked")
+    assert (await get_status(session, url, unseen))[0] == 401
+    assert [(await get_status(session, url, t))[0] for t in (later, bob)] == [200, 200]
+    assert runtime.revoked_hits == 2
+
+
+async def test_revoking_a_subject_refuses_tokens_of_earlier_seconds(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, cpi: tuple[EmulatedIflowRuntime, str]
+) -> None:
+    runtime, url = cpi
+    issued = jwt.decode(
+        await exchange(session, xsuaa, "alice", "CpiTexUser"), options={"verify_signature": False}
+    )["iat"]
+    # A CPI token XSUAA no longer remembers issuing: dated well before the revocation.
+    old = xsuaa.mint_user_token(
+        client=xsuaa.cpi, claims={"grant_type": JWT_BEARER, "iat": issued - 60}
+    )
+    assert (await get_status(session, url, old))[0] == 200
+    runtime.revoke_subject_tokens("alice")
+    assert (await get_status(session, url, old))[0] == 401

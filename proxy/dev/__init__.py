@@ -4,7 +4,13 @@ Why: tests and ``cpi-proxy dev`` need the proxy's real counterparts on loopback,
 """
 
 from proxy.dev.ca import DevCA, make_dev_ca
-from proxy.dev.iflow import GZIP_BODY, GZIP_PLAINTEXT, EmulatedIflowRuntime, RecordedRequest
+from proxy.dev.iflow import (
+    GZIP_BODY,
+    GZIP_PLAINTEXT,
+    EmulatedIflowRuntime,
+    RecordedRequest,
+    cpi_token_of,
+)
 from proxy.dev.xsuaa import (
     DEFAULT_CPI_PARAMS,
     JWT_BEARER,
@@ -29,6 +35,7 @@ __all__ = [
     "Parking",
     "RecordedRequest",
     "cached_rsa_key",
+    "cpi_token_of",
     "load_cpi_params",
     "make_dev_ca",
 ]

@@ -3,6 +3,8 @@
 Why: the proxy is only correct if CPI accepts what it forwards. This runtime checks tokens the
 way CPI does (signature, audience, grant type, role), records what reached it, and offers
 ``/http/_emu/*`` endpoints that make streaming, compression and header handling observable.
+Like CPI's HTTPS sender adapter it can demand CSRF tokens (``csrf_protected``, ``csrf_paths``)
+and, like CPI after a revocation, refuse tokens still within their lifetime (``revoke``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import hmac
+import secrets
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jwt
@@ -21,12 +26,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.dev.xsuaa import EmulatedXsuaa, Parking
 
-__all__ = ["GZIP_BODY", "GZIP_PLAINTEXT", "EmulatedIflowRuntime", "RecordedRequest"]
+__all__ = [
+    "GZIP_BODY",
+    "GZIP_PLAINTEXT",
+    "EmulatedIflowRuntime",
+    "RecordedRequest",
+    "cpi_token_of",
+]
 
 CHUNK = 64 * 1024
 _PATTERN = bytes(range(256)) * (CHUNK // 256)  # byte i of a download is i % 256
 GZIP_PLAINTEXT = b"Hello from the emulated iFlow runtime.\n" * 8
 GZIP_BODY = gzip.compress(GZIP_PLAINTEXT, mtime=0)
+_MODIFYING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,26 @@ class RecordedRequest:
     headers: CIMultiDictProxy[str]
     subject: str
     grant_type: str
+    csrf: str = ""  # "fetch", "rejected" or "accepted" where CSRF protection applies, else ""
+
+
+def cpi_token_of(record: RecordedRequest) -> str:
+    """The bearer token a recorded request carried (every recorded request had one)."""
+    return record.headers.get("Authorization", "").partition(" ")[2]
+
+
+@dataclass(frozen=True)
+class _CsrfSession:
+    token: str
+    subject: str
+
+
+@dataclass(frozen=True)
+class _Revocation:
+    """Tokens of a subject issued up to ``second``: all earlier ones, and ``jtis`` within it."""
+
+    second: int
+    jtis: frozenset[str]
 
 
 _RECORD = web.RequestKey("cpi_record", RecordedRequest)
@@ -50,6 +82,14 @@ class EmulatedIflowRuntime:
         self.xsuaa = xsuaa
         self.params: Mapping[str, Any] = params if params is not None else xsuaa.cpi_params
         self.requests: list[RecordedRequest] = []
+        self.csrf_protected = False
+        self.csrf_paths: tuple[str, ...] = ()
+        self.csrf_fetches = 0
+        self.csrf_rejections = 0
+        self._csrf_sessions: dict[str, _CsrfSession] = {}  # JSESSIONID -> session
+        self.revoked_hits = 0
+        self._revoked_jtis: set[str] = set()
+        self._revoked_subjects: dict[str, _Revocation] = {}
         self.reset_gates()
 
     def reset_gates(self) -> None:
@@ -85,14 +125,92 @@ class EmulatedIflowRuntime:
         self.hangs.release(for_good=True)
         self.download_continue.set()
 
+    # --- CSRF and revocation, steered by tests ----------------------------------------------
+
+    def expire_csrf_sessions(self) -> None:
+        """Forget every session, as after a runtime restart: cached CSRF tokens go stale."""
+        self._csrf_sessions.clear()
+
+    def revoke(self, token: str) -> None:
+        """Refuse ``token`` (by its jti) from now on, with 401, although it has not expired."""
+        claims = jwt.decode(token, options={"verify_signature": False})
+        self._revoked_jtis.add(str(claims["jti"]))
+
+    def revoke_subject_tokens(self, subject: str) -> None:
+        """Refuse every token of ``subject`` (user_name, else client_id) issued so far.
+
+        iat has 1 s resolution, so a plain "iat <= now" would also refuse tokens minted later
+        in this second; those are told apart by the jtis XSUAA has issued in it already.
+        """
+        second = int(time.time())
+        jtis = self.xsuaa.issued_in_second(subject, second)
+        earlier = self._revoked_subjects.get(subject)
+        if earlier is not None and earlier.second == second:
+            jtis |= earlier.jtis
+        self._revoked_subjects[subject] = _Revocation(second, jtis)
+
+    def _is_revoked(self, claims: Mapping[str, Any], subject: str) -> bool:
+        jti, iat = claims.get("jti"), claims.get("iat")
+        if jti in self._revoked_jtis:
+            return True
+        revocation = self._revoked_subjects.get(subject)
+        if revocation is None:
+            return False
+        if not isinstance(iat, int):
+            return True  # no issue time: cannot prove it came after the revocation
+        return iat < revocation.second or (iat == revocation.second and jti in revocation.jtis)
+
     # --- authorization, as CPI does it ------------------------------------------------------
 
     @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/http/"):
-            request[_RECORD] = record = self._check(request)
-            self.requests.append(record)
+        if not request.path.startswith("/http/"):
+            return await handler(request)
+        record = self._check(request)
+        csrf = self._csrf(request, record.subject)
+        request[_RECORD] = record = replace(record, csrf=csrf)
+        self.requests.append(record)
+        if csrf == "fetch":
+            return self._csrf_fetch(record.subject)
+        if csrf == "rejected":
+            self.csrf_rejections += 1
+            return web.Response(
+                status=403,
+                text="CSRF token validation failed",
+                headers={"X-CSRF-Token": "Required"},
+            )
         return await handler(request)
+
+    def _csrf_applies(self, request: web.Request) -> bool:
+        return self.csrf_protected or request.path.startswith(self.csrf_paths)
+
+    def _csrf(self, request: web.Request, subject: str) -> str:
+        """What CSRF protection makes of this request: "fetch", "rejected", "accepted" or ""."""
+        if not self._csrf_applies(request):
+            return ""
+        sent = request.headers.get("X-CSRF-Token", "")
+        if request.method in ("GET", "HEAD"):
+            return "fetch" if sent.lower() == "fetch" else ""
+        if request.method not in _MODIFYING:
+            return ""
+        session = self._csrf_sessions.get(_cookies(request).get("JSESSIONID", ""))
+        valid = (
+            session is not None
+            and hmac.compare_digest(session.token.encode(), sent.encode())
+            and session.subject == subject
+        )
+        return "accepted" if valid else "rejected"
+
+    def _csrf_fetch(self, subject: str) -> web.Response:
+        """A new session and its CSRF token, bound to the subject; the endpoint does not run."""
+        self.csrf_fetches += 1
+        session_id, token = secrets.token_hex(16).upper(), secrets.token_urlsafe(24)
+        self._csrf_sessions[session_id] = _CsrfSession(token, subject)
+        response = web.Response(headers={"X-CSRF-Token": token})
+        response.headers.add("Set-Cookie", f"JSESSIONID={session_id}; Path=/; Secure; HttpOnly")
+        vcap_id = secrets.token_hex(16)
+        response.headers.add("Set-Cookie", f"__VCAP_ID__={vcap_id}; Path=/; Secure; HttpOnly")
+        return response
 
     def _check(self, request: web.Request) -> RecordedRequest:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -108,6 +226,10 @@ class EmulatedIflowRuntime:
             )
         except jwt.InvalidTokenError:
             raise _unauthorized("Unauthorized: invalid token") from None
+        subject = str(claims.get("user_name") or claims.get("client_id"))
+        if self._is_revoked(claims, subject):
+            self.revoked_hits += 1
+            raise _unauthorized("Unauthorized: token revoked")
         cpi = self.xsuaa.cpi
         aud = claims.get("aud")
         audiences = aud if isinstance(aud, list) else [aud]
@@ -125,7 +247,7 @@ class EmulatedIflowRuntime:
             method=request.method,
             raw_path=request.raw_path,
             headers=CIMultiDictProxy(CIMultiDict(request.headers)),
-            subject=str(claims.get("user_name") or claims.get("client_id")),
+            subject=subject,
             grant_type=grant,
         )
 
@@ -230,6 +352,16 @@ class EmulatedIflowRuntime:
         await response.write(b"second\n")
         await response.write_eof()
         return response
+
+
+def _cookies(request: web.Request) -> dict[str, str]:
+    """The request's cookies, from every Cookie header; the first of a repeated name wins."""
+    cookies: dict[str, str] = {}
+    for header in request.headers.getall("Cookie", ()):
+        for pair in header.split(";"):
+            name, _, value = pair.strip().partition("=")
+            cookies.setdefault(name, value.strip('"'))
+    return cookies
 
 
 def _unauthorized(text: str) -> web.HTTPUnauthorized:

@@ -3,7 +3,8 @@
 Why: the proxy's job is an OAuth exchange with XSUAA, and mocks would prove nothing about it.
 This emulator answers where the proxy can tell the difference the way real XSUAA does (token
 shapes, error bodies, the 403 for a user without ``uaa.user``) and lets tests inject the
-failures real XSUAA shows only on bad days: see ``Fault``.
+failures real XSUAA shows only on bad days: see ``Fault``. Like XSUAA it also serves a
+certificate endpoint (``app_mtls``) where x509 bindings authenticate by TLS client certificate.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import get_default_algorithms
+
+from proxy.dev.ca import DevCA
 
 __all__ = [
     "DEFAULT_CPI_PARAMS",
@@ -175,6 +178,8 @@ class EmulatedXsuaa:
         self.subaccount_id = "5e3c1a9b-2d4f-4a6e-8b7c-9d0e1f2a3b4c"
         self.cpi_params: Mapping[str, Any] = dict(cpi_params or DEFAULT_CPI_PARAMS)
         self.base_url = f"https://{subdomain}.xsuaa.invalid"  # replaced once a server runs
+        # The mutual-TLS certificate endpoint; replaced once an app_mtls() server runs.
+        self.cert_base_url = f"https://{subdomain}.authentication.cert.xsuaa.invalid"
         self.token_validity = 43199
 
         self.frontend = OAuthClient(
@@ -198,6 +203,11 @@ class EmulatedXsuaa:
             "NoUaaUser": frozenset({frontend_scope, *self.cpi.authorities}),
         }
         self._user_collections: dict[str, tuple[str, ...]] = {}  # user_id -> role collections
+        # Subject CN of a client certificate -> the client it authenticates (x509 bindings).
+        self.cpi_cert_cn = str(uuid.uuid5(_USER_NAMESPACE, f"x509:{self.cpi.client_id}"))
+        self._cert_clients: dict[str, OAuthClient] = {}
+        # jtis issued in the current second, per subject: see issued_in_second.
+        self._issued: tuple[int, dict[str, set[str]]] = (0, {})
 
         self._keys: dict[str, _Key] = {"key-1": _Key(cached_rsa_key("key-1"))}
         self._signing_kid = "key-1"
@@ -239,11 +249,22 @@ class EmulatedXsuaa:
     def issuer(self) -> str:
         return f"{self.base_url}/oauth/token"
 
-    def vcap_credentials_xsuaa(self) -> dict[str, Any]:
+    def vcap_credentials_xsuaa(self, *, x509: tuple[str, str] | None = None) -> dict[str, Any]:
+        """The app's XSUAA binding; ``x509=(cert_pem, key_pem)`` gives the x509 variant
+        (``credential-type: x509``: certificate, key and certurl instead of a client secret)."""
         public = self._keys[self._signing_kid].private.public_key()
+        if x509 is None:
+            secret: dict[str, str] = {"clientsecret": self.frontend.client_secret}
+        else:
+            secret = {
+                "credential-type": "x509",
+                "certificate": x509[0],
+                "key": x509[1],
+                "certurl": self.cert_base_url,
+            }
         return {
             "clientid": self.frontend.client_id,
-            "clientsecret": self.frontend.client_secret,
+            **secret,
             "url": self.base_url,
             "uaadomain": self.uaadomain,
             "xsappname": self.frontend.xsappname,
@@ -266,13 +287,51 @@ class EmulatedXsuaa:
             }
         }
 
-    def vcap_services(self, cpi_url: str) -> dict[str, Any]:
+    def vcap_credentials_cpi_x509(
+        self, cpi_url: str, cert_pem: str, key_pem: str
+    ) -> dict[str, Any]:
+        """An it-rt binding created with ``{"credential-type": "x509"}``: no secret, and the
+        token URL is the certificate endpoint (see ``issue_cpi_client_cert``)."""
+        return {
+            "oauth": {
+                "clientid": self.cpi.client_id,
+                "certificate": cert_pem,
+                "key": key_pem,
+                "tokenurl": f"{self.cert_base_url}/oauth/token",
+                "url": cpi_url,
+                "credential-type": "x509",
+            }
+        }
+
+    def vcap_services(self, cpi_url: str, *, x509: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Both bindings; ``x509`` makes the XSUAA one an x509 binding."""
+        return self._vcap(
+            self.vcap_credentials_xsuaa(x509=x509), self.vcap_credentials_cpi(cpi_url)
+        )
+
+    def vcap_services_x509(
+        self, cpi_url: str, cert_pem: str, key_pem: str, *, x509: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Like ``vcap_services``, with the it-rt binding an x509 one."""
+        return self._vcap(
+            self.vcap_credentials_xsuaa(x509=x509),
+            self.vcap_credentials_cpi_x509(cpi_url, cert_pem, key_pem),
+        )
+
+    @staticmethod
+    def _vcap(xsuaa_credentials: dict[str, Any], cpi_credentials: dict[str, Any]) -> dict[str, Any]:
         xsuaa = {"label": "xsuaa", "name": "cpitex-xsuaa", "plan": "application", "tags": ["xsuaa"]}
         it_rt = {"label": "it-rt", "name": "cpitex-cpi", "plan": "integration-flow", "tags": []}
         return {
-            "xsuaa": [{**xsuaa, "credentials": self.vcap_credentials_xsuaa()}],
-            "it-rt": [{**it_rt, "credentials": self.vcap_credentials_cpi(cpi_url)}],
+            "xsuaa": [{**xsuaa, "credentials": xsuaa_credentials}],
+            "it-rt": [{**it_rt, "credentials": cpi_credentials}],
         }
+
+    def issue_cpi_client_cert(self, ca: DevCA) -> tuple[str, str]:
+        """A client certificate ``(cert_pem, key_pem)`` that authenticates the CPI client at the
+        certificate endpoint; its subject CN is ``cpi_cert_cn``, stable for this emulator."""
+        self._cert_clients[self.cpi_cert_cn] = self.cpi
+        return ca.issue_client_cert(self.cpi_cert_cn)
 
     # --- tokens -----------------------------------------------------------------------------
 
@@ -311,6 +370,7 @@ class EmulatedXsuaa:
         }
         if not_before is not None:
             body["nbf"] = now + not_before
+        self._note_issued(_merge(body, claims))
         signing_kid = kid or self._signing_kid
         signer = key if key is not None else self._keys[signing_kid].private
         if algorithm == "none":
@@ -355,7 +415,27 @@ class EmulatedXsuaa:
     def _times(self, now: int, expires_in: int) -> dict[str, Any]:
         return {"jti": uuid.uuid4().hex, "iat": now, "exp": now + expires_in}
 
+    def issued_in_second(self, subject: str, second: int) -> frozenset[str]:
+        """The jtis issued to ``subject`` (user_name, else client_id) with ``iat == second``.
+
+        Why: iat has 1 s resolution, so revoking "every token issued so far" must tell apart
+        the tokens of the current second that exist already from those minted after. Only the
+        latest second is remembered, which is all that question needs.
+        """
+        current, issued = self._issued
+        return frozenset(issued.get(subject, ())) if second == current else frozenset()
+
+    def _note_issued(self, claims: Mapping[str, Any]) -> None:
+        now, jti = int(time.time()), claims.get("jti")
+        if claims.get("iat") != now or not isinstance(jti, str):
+            return  # a token dated elsewhere by a test's claims override
+        if self._issued[0] != now:
+            self._issued = (now, {})
+        subject = str(claims.get("user_name") or claims.get("client_id"))
+        self._issued[1].setdefault(subject, set()).add(jti)
+
     def _issue(self, claims: dict[str, Any]) -> dict[str, Any]:
+        self._note_issued(claims)
         header = {"alg": "RS256", "kid": self._signing_kid, "typ": "JWT", "jku": self._jku}
         token = _sign(header, claims, self._keys[self._signing_kid].private, "RS256")
         return {
@@ -374,6 +454,17 @@ class EmulatedXsuaa:
         app.router.add_get("/token_keys", self._token_keys)
         app.router.add_post("/oauth/token", self._token)
         # on_shutdown, not on_cleanup: the runner waits for open handlers before cleanup runs.
+        app.on_shutdown.append(self._release_all)
+        return app
+
+    def app_mtls(self) -> web.Application:
+        """The certificate endpoint: ``POST /oauth/token`` for clients authenticated by their
+        TLS client certificate. Serve it with ``DevCA.mtls_server_context()`` and set
+        ``cert_base_url``. Grants, counters, faults and the gate are shared with ``app()``, so
+        call ``app()`` first when serving both.
+        """
+        app = web.Application()
+        app.router.add_post("/oauth/token", self._token_mtls)
         app.on_shutdown.append(self._release_all)
         return app
 
@@ -404,9 +495,18 @@ class EmulatedXsuaa:
         return web.json_response({"keys": [_jwk(kid, k) for kid, k in self.public_keys().items()]})
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
-        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        form = await _form(request)
+        return await self._grant(request, form, self._authenticate(request, form))
+
+    async def _token_mtls(self, request: web.Request) -> web.StreamResponse:
+        form = await _form(request)
+        return await self._grant(request, form, self._authenticate_cert(request, form))
+
+    async def _grant(
+        self, request: web.Request, form: Mapping[str, str], client: OAuthClient | OAuthError
+    ) -> web.StreamResponse:
+        """The token endpoint once the client is (or failed to be) authenticated."""
         grant = form.get("grant_type", "")
-        client = self._authenticate(request, form)
         if isinstance(client, OAuthClient):
             self.token_requests[grant] += 1
         if self.token_gate is not None:
@@ -454,6 +554,24 @@ class EmulatedXsuaa:
             client.client_secret.encode(), secret.encode()
         ):
             return OAuthError(401, "invalid_client", "Bad credentials")
+        return client
+
+    def _authenticate_cert(
+        self, request: web.Request, form: Mapping[str, str]
+    ) -> OAuthClient | OAuthError:
+        """mTLS client authentication: the certificate names the client, the form must agree.
+
+        A secret (Basic or form) is ignored here, as on XSUAA's certificate endpoint.
+        """
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        cn = _common_name(peercert)
+        if cn is None:
+            return OAuthError(401, "invalid_client", "Client certificate required")
+        client = self._cert_clients.get(cn)
+        if client is None:
+            return OAuthError(401, "invalid_client", "Unknown client certificate")
+        if form.get("client_id") != client.client_id:
+            return OAuthError(401, "invalid_client", "client_id does not match the certificate")
         return client
 
     def _clients(self) -> dict[str, OAuthClient]:
@@ -523,6 +641,20 @@ class EmulatedXsuaa:
         if claims.get("zid") != self.zone_id:
             raise OAuthError(401, "invalid_token", "Assertion from another identity zone")
         return claims
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+
+
+def _common_name(peercert: object) -> str | None:
+    """The subject CN of a certificate as ``SSLSocket.getpeercert()`` describes it."""
+    subject = peercert.get("subject", ()) if isinstance(peercert, dict) else ()
+    for rdn in subject:
+        for name, value in rdn:
+            if name == "commonName" and isinstance(value, str):
+                return value
+    return None
 
 
 def _scopes(client: OAuthClient, granted: Iterable[str], standard: Iterable[str]) -> list[str]:
