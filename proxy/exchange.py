@@ -232,11 +232,12 @@ class TokenExchanger:
                 f"XSUAA at {host} did not answer the token request within {self._timeout_s:g} s"
             ) from None
         except aiohttp.ClientError as exc:
+            log.debug("token request failed: %r", exc)
             if self._binding.x509 and _tls_refused(exc):
                 raise TokenExchangeFailed(
                     f"XSUAA's certificate endpoint {host} refused the TLS handshake"
                     f" ({exc.__class__.__name__}): check the it-rt binding's certificate and key"
-                    " (expired, or not the binding's own)"
+                    " (expired, or not issued for this binding)"
                 ) from None
             raise ExchangeUnavailable(
                 f"cannot reach XSUAA at {host} ({exc.__class__.__name__}); retry later"
@@ -306,11 +307,16 @@ class CpiCredentials:
 
 
 def _tls_refused(exc: aiohttp.ClientError) -> bool:
-    """A handshake the server refused (bad client certificate), as opposed to no server."""
-    if isinstance(exc, aiohttp.ClientSSLError):
+    """The certificate endpoint refused our client certificate, as opposed to being down.
+
+    With TLS 1.3 the server judges the client certificate after the client's side of the
+    handshake is done, so a refusal shows as a reset of a connection that did get established.
+    """
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerDisconnectedError):
         return True
-    text = str(exc).lower()
-    return isinstance(exc, aiohttp.ClientOSError) and ("alert" in text or "certificate" in text)
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(
+        exc, aiohttp.ClientConnectorError
+    )
 
 
 def _json_object(body: str) -> dict[str, Any]:
