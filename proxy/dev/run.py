@@ -39,6 +39,7 @@ async def serve_dev(
         os.environ["SSL_CERT_FILE"] = str(ca.write_ca(Path(tmp)))
         xsuaa = EmulatedXsuaa(cpi_params=params)
         iflow = EmulatedIflowRuntime(xsuaa)
+        iflow.csrf_paths = ("/http/csrf/",)  # like an iFlow with "CSRF Protected" on
         runners: list[web.AppRunner] = []
         try:
             tls = ca.server_context()
@@ -83,7 +84,8 @@ def _banner(xsuaa: EmulatedXsuaa, proxy_url: str, cpi_url: str) -> None:
         "\nUser token for bob (role collection FrontendOnly: lacks cpitex.Read, CPI answers 403):\n"
         f"{bob}\n"
         "\nTry the whole path (validate -> exchange -> forward -> echo):\n"
-        f"{curl}\n",
+        f"{curl}\n"
+        f"\nPaths under {proxy_url}/cpi/csrf/ are CSRF protected; the proxy fetches the token.\n",
         flush=True,
     )
 
