@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import aiohttp
 from cachetools import TLRUCache
@@ -21,7 +22,7 @@ from yarl import URL
 
 from proxy.errors import CsrfFetchFailed
 from proxy.exchange import CpiToken
-from proxy.singleflight import SingleFlight
+from proxy.singleflight import SingleFlight, replace_stale
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ class CsrfStore:
             maxsize=cache_size, ttu=lambda _k, state, _now: state.until, timer=clock
         )
         self._flights: SingleFlight[bytes, CsrfState] = SingleFlight()
-        self.fetches = 0
 
     @staticmethod
     def _key(cpi: CpiToken) -> bytes:
@@ -71,15 +71,10 @@ class CsrfStore:
     ) -> CsrfState:
         """A state other than `stale`: a newer cached one, else one shared fetch."""
         key = self._key(cpi)
-        current = self._cache.get(key)
-        if current is not None and current is not stale:
-            return current
-        if current is not None and not self._flights.busy(key):
-            del self._cache[key]
-        return await self._flights.run(key, lambda: self._fetch(key, cpi, url, correlation_id))
+        fetch = partial(self._fetch, key, cpi, url, correlation_id)
+        return await replace_stale(self._cache, self._flights, key, stale, fetch)
 
     async def _fetch(self, key: bytes, cpi: CpiToken, url: URL, correlation_id: str) -> CsrfState:
-        self.fetches += 1
         headers = {
             "Authorization": f"Bearer {cpi.access_token}",
             "X-CSRF-Token": "Fetch",

@@ -37,7 +37,7 @@ from proxy.errors import (
     ProxyError,
     TokenExchangeFailed,
 )
-from proxy.singleflight import SingleFlight
+from proxy.singleflight import SingleFlight, replace_stale
 from proxy.tls import mtls_context
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,7 @@ class TokenExchanger:
     async def _renew(
         self, key: bytes, stale: CpiToken, fetch: Callable[[], Awaitable[CpiToken]]
     ) -> CpiToken:
-        current = self._cache.get(key)
-        if current is not None and current is not stale:
-            return current  # another request renewed it already
-        if current is stale and not self._flights.busy(key):
-            del self._cache[key]
-        return await self._flights.run(key, fetch)
+        return await replace_stale(self._cache, self._flights, key, stale, fetch)
 
     async def _exchange(self, key: bytes, claims: Claims, user_token: str) -> CpiToken:
         form = {

@@ -8,7 +8,7 @@ result), and a cancelled waiter never cancels the fetch the others are waiting f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from functools import partial
 from typing import Generic, TypeVar
 
@@ -40,3 +40,20 @@ class SingleFlight(Generic[K, V]):
         self._inflight.pop(key, None)
         if not task.cancelled():
             task.exception()  # mark retrieved: every waiter may have gone away
+
+
+async def replace_stale(
+    cache: MutableMapping[K, V],
+    flights: SingleFlight[K, V],
+    key: K,
+    stale: V | None,
+    fetch: Callable[[], Awaitable[V]],
+) -> V:
+    """A value other than `stale` (which upstream refused): one that another caller already put
+    in its place, the fetch already in flight, or one new fetch, never one per caller."""
+    current = cache.get(key)
+    if current is not None and current is not stale:
+        return current
+    if current is not None and not flights.busy(key):
+        del cache[key]
+    return await flights.run(key, fetch)
