@@ -63,6 +63,15 @@ class CpiBinding:
     def x509(self) -> bool:
         return self.certificate is not None
 
+    @property
+    def xsappname(self) -> str:
+        """The it-rt app's xsappname, which prefixes CPI scopes (`<xsappname>.cpitex.Read`);
+        XSUAA client ids of service instances read `sb-<guid>!b<n>|<xsappname>`."""
+        return self.clientid.rpartition("|")[2]
+
+    def scope_of(self, role: str) -> str:
+        return f"{self.xsappname}.{role}"
+
 
 @dataclass(frozen=True)
 class Bindings:

@@ -39,6 +39,7 @@ _ROUTE_KEYS = frozenset(
         "timeout",
         "csrf",
         "authenticationType",
+        "cpiRole",
     }
 )
 _TOP_KEYS = frozenset({"routes", "xsuaa", "cpi"})
@@ -56,6 +57,7 @@ class Route:
     timeout: float = 60.0
     csrf: Csrf = "auto"
     authentication: Authentication = "xsuaa"
+    cpi_role: str | None = None  # e.g. "cpitex.Read": checked in the CPI token before calling
 
     def target_for(self, match: re.Match[str]) -> str:
         return _GROUP_REF.sub(lambda m: match.group(int(m.group(1))) or "", self.target)
@@ -172,8 +174,20 @@ def _parse_route(raw: Any, index: int, where: str) -> Route:
             f'{at}: authenticationType "none" needs grant "client-credentials" and no scope'
             " (without a user token there is no user to exchange or scope to check)"
         )
+    cpi_role = raw.get("cpiRole")
+    if cpi_role is not None and (not isinstance(cpi_role, str) or not cpi_role.strip()):
+        raise ConfigError(f'{at}: cpiRole must be the iFlow\'s role name, e.g. "cpitex.Read"')
     return Route(
-        name, source, target, tuple(scopes), methods, grant, float(timeout), csrf, authentication
+        name,
+        source,
+        target,
+        tuple(scopes),
+        methods,
+        grant,
+        float(timeout),
+        csrf,
+        authentication,
+        cpi_role,
     )
 
 
