@@ -4,6 +4,8 @@
 
 One cleanup context owns the ClientSession (pooled, no cookie jar, no auto-decompression) and
 everything built on it; handlers raise `ProxyError`s and `error_middleware` renders them.
+`observe_middleware` sets the correlation id for logging and records the request metrics.
+Operator endpoints live in `ops`, the token insight page in `debug`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import contextlib
 import logging
 import re
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
+from proxy import debug, ops
 from proxy.auth import TokenValidator, authorize, bearer_token
 from proxy.bindings import Bindings
 from proxy.csrf import CsrfStore
@@ -29,32 +31,29 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.exchange import CpiCredentials, TokenExchanger
 from proxy.forward import Forwarder
 from proxy.keys import KeyFetchError, KeyStore
+from proxy.logs import correlation
+from proxy.metrics import Metrics, method_label
 from proxy.paths import normalise, split_target
 from proxy.reload import RouteState, warn_public_routes
 from proxy.routes import TARGET_PREFIX, RouteTable
 from proxy.settings import Settings
+from proxy.state import (
+    BINDINGS,
+    CORRELATION_ID,
+    METRICS,
+    PIPELINE,
+    ROUTE_NAME,
+    ROUTES,
+    SETTINGS,
+    USER,
+    Pipeline,
+)
 from proxy.tls import client_context
 
 log = logging.getLogger(__name__)
 
 CORRELATION_HEADERS = ("x-correlationid", "x-request-id", "x-vcap-request-id")  # approuter's order
 _CORRELATION_OK = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    keys: KeyStore
-    validator: TokenValidator
-    exchanger: TokenExchanger
-    forwarder: Forwarder
-    csrf: CsrfStore
-
-
-SETTINGS = web.AppKey("settings", Settings)
-BINDINGS = web.AppKey("bindings", Bindings)
-ROUTES = web.AppKey("routes", RouteState)
-PIPELINE = web.AppKey("pipeline", Pipeline)
-CORRELATION_ID = web.RequestKey("correlation_id", str)
 
 
 def correlation_id(request: web.Request) -> str:
@@ -69,10 +68,20 @@ def correlation_id(request: web.Request) -> str:
 
 
 def json_error(
-    status: int, error: str, description: str, cid: str, headers: Mapping[str, str] | None = None
+    status: int,
+    error: str,
+    description: str,
+    cid: str,
+    headers: Mapping[str, str] | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> web.Response:
     """OAuth-style error body (Authlib's shape) plus the correlation id to quote in a ticket."""
-    body = {"error": error, "error_description": description, "correlation_id": cid}
+    body = {
+        "error": error,
+        "error_description": description,
+        "correlation_id": cid,
+        **(details or {}),
+    }
     response = web.json_response(body, status=status, headers=dict(headers or {}))
     response.headers["x-correlationid"] = cid
     return response
@@ -82,20 +91,40 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Correlation id for every log line, and the request metrics (route names, not paths)."""
+    cid = correlation_id(request)
+    correlation.set(cid)
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        metrics.in_flight.dec()
+        route = request.get(ROUTE_NAME, "-")
+        metrics.requests.labels(route, method_label(request.method), f"{status // 100}xx").inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     cid = correlation_id(request)
     try:
         return await handler(request)
     except ProxyError as exc:
-        log.info("%s %s -> %d %s [%s]", request.method, request.path, exc.status, exc.error, cid)
-        return json_error(exc.status, exc.error, exc.description, cid, exc.headers)
+        log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.error)
+        return json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
         return json_error(exc.status, code, exc.reason, cid)
     except Exception:
-        log.exception("unexpected error [%s]", cid)
+        log.exception("unexpected error")
         description = f"unexpected error in cpi-proxy; the log has details under {cid}"
         return json_error(500, "server_error", description, cid)
 
@@ -106,6 +135,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     raw_path, query = split_target(request.raw_path)
     path = normalise(raw_path)
     route, target = app[ROUTES].table.match(path, request.method)  # this table, to the end
+    request[ROUTE_NAME] = route.name
     target = normalise(target)
     if not target.startswith(TARGET_PREFIX):
         raise BadRequest(f"the mapped path leaves {TARGET_PREFIX}; nothing was sent to CPI")
@@ -113,6 +143,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if route.authentication == "xsuaa":
         token = bearer_token(request.headers.getall("Authorization", []))
         claims = await pipeline.validator.validate(token)
+        request[USER] = claims.anonymous_id
         authorize(claims, route.scopes)
         if route.grant == "jwt-bearer":
             credentials = CpiCredentials(pipeline.exchanger, claims, token)
@@ -126,12 +157,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "UP"})
-
-
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
-    settings, bindings = app[SETTINGS], app[BINDINGS]
+    settings, bindings, metrics = app[SETTINGS], app[BINDINGS], app[METRICS]
     connector = aiohttp.TCPConnector(ssl=client_context(), limit=settings.max_connections)
     session = aiohttp.ClientSession(
         connector=connector,
@@ -147,6 +174,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         ttl=settings.keys_ttl,
         min_refresh=settings.keys_min_refresh,
         timeout=settings.exchange_timeout,
+        metrics=metrics,
     )
     exchanger = TokenExchanger(
         session,
@@ -154,6 +182,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         cache_size=settings.cache_size,
         timeout=settings.exchange_timeout,
         margin=settings.token_margin,
+        metrics=metrics,
     )
     csrf = CsrfStore(
         session,
@@ -172,6 +201,8 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             connect_timeout=settings.connect_timeout,
             replay_limit=settings.replay_limit,
             csrf=csrf,
+            role_scope=bindings.cpi.scope_of,
+            metrics=metrics,
         ),
         csrf=csrf,
     )
@@ -220,32 +251,24 @@ def create_app(
     # Real XSUAA tokens with many role collections exceed aiohttp's 8 KiB header default; allow
     # 32 KiB so tokens up to MAX_TOKEN_BYTES reach the validator and get a JSON answer.
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[observe_middleware, error_middleware],
         handler_args={"max_field_size": 32 * 1024, "max_line_size": 32 * 1024},
     )
     app[SETTINGS] = settings
     app[BINDINGS] = bindings
+    app[METRICS] = Metrics()
     app[ROUTES] = RouteState(routes, bindings.xsuaa.xsappname, routes_file)
     warn_public_routes(app[ROUTES].table)
     app.cleanup_ctx.append(_pipeline)
     if live_reload:
         app.cleanup_ctx.append(_live_reload)
-    app.router.add_get("/healthz", healthz, allow_head=True)
+    if settings.metrics_port:
+        app.cleanup_ctx.append(ops.metrics_site)
+    else:
+        app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/healthz", ops.healthz, allow_head=True)
+    app.router.add_get("/readyz", ops.readyz, allow_head=True)
+    if settings.debug:
+        app.router.add_get("/_debug/tokens", debug.tokens_page)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path without query (queries may carry secrets), status."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %d %d %.1fms [%s]',
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            time * 1000,
-            response.headers.get("x-correlationid", "-"),
-        )

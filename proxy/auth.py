@@ -39,6 +39,11 @@ class Claims:
     expires_at: float  # epoch seconds
     raw: Mapping[str, Any]
 
+    @property
+    def anonymous_id(self) -> str:
+        """Stable per user, meaningless outside: for request logs (SAP logs no user names)."""
+        return hashlib.sha256(f"{self.zone_id}\0{self.subject}".encode()).hexdigest()[:16]
+
     def __repr__(self) -> str:  # short: the raw claims stay out of logs
         return f"Claims(subject={self.subject!r}, client_id={self.client_id!r})"
 

@@ -9,7 +9,9 @@
      +-- InvalidToken         401    the token is bad (signature, exp, audience, zone, ...)
      +-- InsufficientScope    403    valid token without the route's scope
      +-- CsrfRequired         403    CPI wants a CSRF token and the body cannot be replayed
-     +-- CpiUnauthorized      401    CPI refused the CPI token and the request cannot be replayed
+     +-- CpiUnauthorized      401    CPI refused the CPI token (after any renewal); CPI's body kept
+     +-- CpiForbidden         403    CPI refused the call (role or CSRF); CPI's body kept
+     +-- MissingCpiRole       403    the CPI token lacks the route's cpiRole: CPI is not called
      +-- TokenExchangeFailed  502    XSUAA refused the exchange (4xx) or answered garbage
      +-- KeysUnavailable      503    XSUAA's keys cannot be fetched and none are cached
      +-- ExchangeUnavailable  503    XSUAA answered 5xx or is unreachable
@@ -36,10 +38,17 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     error: ClassVar[str] = "server_error"
 
-    def __init__(self, description: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        description: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
         super().__init__(description)
         self.description = description
         self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
+        self.details: Mapping[str, object] = MappingProxyType(dict(details or {}))
 
 
 class BadRequest(ProxyError):
@@ -99,8 +108,19 @@ class CpiUnauthorized(ProxyError):
     status = 401
     error = "cpi_unauthorized"
 
-    def __init__(self, description: str) -> None:
-        super().__init__(description, headers={"WWW-Authenticate": 'Bearer realm="cpi"'})
+    def __init__(self, description: str, *, details: Mapping[str, object] | None = None) -> None:
+        headers = {"WWW-Authenticate": 'Bearer realm="cpi"'}
+        super().__init__(description, headers=headers, details=details)
+
+
+class CpiForbidden(ProxyError):
+    status = 403
+    error = "cpi_forbidden"
+
+
+class MissingCpiRole(ProxyError):
+    status = 403
+    error = "missing_cpi_role"
 
 
 class CsrfFetchFailed(ProxyError):

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import jwt
 from cachetools import TLRUCache
 
 from proxy.auth import Claims
@@ -37,6 +38,7 @@ from proxy.errors import (
     ProxyError,
     TokenExchangeFailed,
 )
+from proxy.metrics import Metrics
 from proxy.singleflight import SingleFlight, replace_stale
 from proxy.tls import mtls_context
 
@@ -94,16 +96,20 @@ class TokenExchanger:
         timeout: float = 10.0,
         margin: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._binding = binding
+        self._metrics = metrics or Metrics()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
         self._margin = margin
         self.now = clock
-        self._cache: TLRUCache[bytes, CpiToken] = TLRUCache(
+        self._cache: _TokenCache = _TokenCache(
             maxsize=cache_size, ttu=lambda _k, token, _now: token.cache_until, timer=clock
         )
+        self._cache.on_evict = self._metrics.cache_evictions.inc
+        self._metrics.track_cache_size(lambda: len(self._cache))
         self._flights: SingleFlight[bytes, CpiToken] = SingleFlight()
         self._headers = dict(_TOKEN_REQUEST_HEADERS)
         self._ssl: ssl.SSLContext | bool = True
@@ -135,14 +141,18 @@ class TokenExchanger:
         key = self._user_key(claims)
         cached = self._cache.get(key)
         if cached is not None:
+            self._metrics.cache_hit.inc()
             return cached
+        self._metrics.cache_miss.inc()
         return await self._flights.run(key, partial(self._exchange, key, claims, user_token))
 
     async def for_client(self) -> CpiToken:
         """One technical-user token shared by every request of client-credentials routes."""
         cached = self._cache.get(self._client_key)
         if cached is not None:
+            self._metrics.cache_hit.inc()
             return cached
+        self._metrics.cache_miss.inc()
         return await self._flights.run(self._client_key, self._client_credentials)
 
     async def renew_user(self, claims: Claims, user_token: str, stale: CpiToken) -> CpiToken:
@@ -214,6 +224,19 @@ class TokenExchanger:
                 await self._refreshing
 
     async def _request(self, form: dict[str, str], user_left: float | None) -> CpiToken:
+        grant = "jwt-bearer" if form["grant_type"] == JWT_BEARER else "client-credentials"
+        started = time.perf_counter()
+        outcome = "success"
+        try:
+            return await self._post(form, user_left)
+        except ProxyError as exc:
+            outcome = exc.error
+            raise
+        finally:
+            self._metrics.exchanges.labels(grant, outcome).inc()
+            self._metrics.exchange_seconds.labels(grant).observe(time.perf_counter() - started)
+
+    async def _post(self, form: dict[str, str], user_left: float | None) -> CpiToken:
         url = self._binding.tokenurl
         host = urlsplit(url).netloc
         try:
@@ -264,10 +287,9 @@ class TokenExchanger:
         lifetime = float(expires_in) - self._margin
         if user_left is not None:
             lifetime = min(lifetime, user_left)
-        scope = data.get("scope")
         return CpiToken(
             access_token=access_token,
-            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            scopes=_scopes(data, access_token),
             expires_at=now + float(expires_in),
             cache_until=now + lifetime,
             fetched_at=now,
@@ -299,6 +321,29 @@ class CpiCredentials:
         if self.claims is None:
             return await self.exchanger.renew_client(stale)
         return await self.exchanger.renew_user(self.claims, self.user_token, stale)
+
+
+class _TokenCache(TLRUCache[bytes, CpiToken]):
+    """A TLRU that reports entries pushed out by size (expiry is not an eviction)."""
+
+    on_evict: Callable[[], None] = staticmethod(lambda: None)
+
+    def popitem(self) -> tuple[bytes, CpiToken]:
+        self.on_evict()
+        return super().popitem()
+
+
+def _scopes(data: dict[str, Any], access_token: str) -> frozenset[str]:
+    """The granted scopes: the token response's `scope`, else the token's own claim."""
+    scope = data.get("scope")
+    if not isinstance(scope, str):
+        try:
+            scope = jwt.decode(access_token, options={"verify_signature": False}).get("scope")
+        except jwt.PyJWTError:
+            scope = None
+    if isinstance(scope, list):
+        return frozenset(s for s in scope if isinstance(s, str))
+    return frozenset(scope.split()) if isinstance(scope, str) else frozenset()
 
 
 def _tls_refused(exc: aiohttp.ClientError) -> bool:

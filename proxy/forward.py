@@ -12,6 +12,8 @@ for another.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,8 +23,17 @@ from yarl import URL
 
 from proxy.csrf import MODIFYING, CsrfState, CsrfStore
 from proxy.csrf import required as csrf_required
-from proxy.errors import CpiUnauthorized, CsrfRequired, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    CpiForbidden,
+    CpiUnauthorized,
+    CsrfRequired,
+    MissingCpiRole,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.exchange import CpiCredentials, CpiToken
+from proxy.metrics import Metrics
 from proxy.routes import Route
 
 log = logging.getLogger(__name__)
@@ -115,9 +126,13 @@ class Forwarder:
         connect_timeout: float,
         replay_limit: int,
         csrf: CsrfStore,
+        role_scope: Callable[[str], str] = lambda role: role,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
+        self._role_scope = role_scope
+        self._metrics = metrics or Metrics()
         self._connect_timeout = connect_timeout
         self._replay_limit = replay_limit
         self._csrf = csrf
@@ -149,7 +164,7 @@ class Forwarder:
         csrf_on = request.method in MODIFYING and route.csrf is not False
         headers = upstream_headers(request, correlation_id=correlation_id, csrf_managed=csrf_on)
         body = await read_body(request, self._replay_limit)
-        token = await credentials.get()
+        token = self._with_role(route, await credentials.get())
         csrf = self._csrf.cached(token) if csrf_on else None
         if csrf_on and csrf is None and route.csrf is True:
             csrf = await self._csrf.fresh(token, endpoint, correlation_id)
@@ -159,7 +174,7 @@ class Forwarder:
             if upstream.status == 401 and not renewed and credentials.renewable(token):
                 renewed = True
                 await _discard(upstream)
-                token = await credentials.renew(token)
+                token = self._with_role(route, await credentials.renew(token))
                 csrf = self._csrf.cached(token) if csrf_on else None
                 if body.replayable:
                     continue
@@ -178,13 +193,18 @@ class Forwarder:
                     " replay limit) cannot be sent twice; a CSRF token is now cached: retry, or"
                     ' set "csrf": true on the route so the token is fetched first'
                 )
-            if upstream.status == 401:
-                await _discard(upstream)
-                raise CpiUnauthorized(
-                    "CPI refused the CPI token XSUAA had just issued: check that the it-rt"
-                    " instance belongs to this CPI tenant and the iFlow's authorization settings"
-                )
+            if upstream.status in (401, 403):
+                raise await _refusal(upstream, route, renewed=renewed)
             return await self._respond(request, upstream, correlation_id)
+
+    def _with_role(self, route: Route, token: CpiToken) -> CpiToken:
+        """Answer a missing iFlow role here, with its fix, instead of CPI's bare 403."""
+        if route.cpi_role is not None and self._role_scope(route.cpi_role) not in token.scopes:
+            raise MissingCpiRole(
+                f"user lacks CPI role {route.cpi_role}; add it to a role collection assigned to"
+                " the user (CPI applies role changes within an hour)"
+            )
+        return token
 
     async def _send(
         self,
@@ -202,12 +222,19 @@ class Forwarder:
             attempt["X-CSRF-Token"] = csrf.token
             if csrf.cookie:
                 attempt["Cookie"] = csrf.cookie
+        data: bytes | AsyncIterator[bytes] | None
+        if isinstance(body.data, aiohttp.StreamReader):
+            data = self._counted(body.data)
+        else:
+            data = body.data
+            self._metrics.bytes_out.inc(len(data or b""))
+        started = time.perf_counter()
         try:
             return await self._session.request(
                 request.method,
                 url,
                 headers=attempt,
-                data=body.data,
+                data=data,
                 timeout=self._timeout(route),
                 allow_redirects=False,
             )
@@ -219,6 +246,18 @@ class Forwarder:
             raise UpstreamUnreachable(
                 f"cannot reach the CPI runtime at {url.host} ({exc.__class__.__name__})"
             ) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.upstream_seconds.labels(route.name).observe(elapsed)
+
+    async def _counted(self, stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            async for chunk in stream.iter_any():
+                sent += len(chunk)
+                yield chunk
+        finally:
+            self._metrics.bytes_out.inc(sent)
 
     async def _respond(
         self, request: web.Request, upstream: aiohttp.ClientResponse, correlation_id: str
@@ -230,7 +269,7 @@ class Forwarder:
                 headers=downstream_headers(upstream.headers, correlation_id),
             )
             await response.prepare(request)
-            await _relay(request, upstream, response)
+            self._metrics.bytes_in.inc(await _relay(request, upstream, response))
         return response
 
 
@@ -240,13 +279,53 @@ async def _discard(upstream: aiohttp.ClientResponse) -> None:
         await upstream.read()
 
 
+async def _refusal(upstream: aiohttp.ClientResponse, route: Route, *, renewed: bool) -> ProxyError:
+    """CPI's final 401/403 as a JSON hint naming the cause; CPI's status and body are kept."""
+    async with upstream:
+        cpi_body = await _head(upstream, 4096)
+    details = {"cpi_status": upstream.status, "cpi_body": cpi_body}
+    if upstream.status == 401:
+        why = "a token XSUAA had just issued" if not renewed else "a freshly renewed token"
+        return CpiUnauthorized(
+            f"CPI refused {why}: check that the it-rt instance belongs to this CPI tenant and"
+            " the iFlow's authentication settings",
+            details={"cause": "authentication", **details},
+        )
+    if csrf_required(upstream):
+        return CpiForbidden(
+            "CPI demands a CSRF token (X-CSRF-Token: Required) and refused the one it issued;"
+            ' check the iFlow\'s "CSRF Protected" setting, or the route\'s "csrf"',
+            headers={"X-CSRF-Token": "Required"},
+            details={"cause": "csrf", **details},
+        )
+    role = route.cpi_role or "the role set in the iFlow's HTTPS sender adapter"
+    return CpiForbidden(
+        f"CPI refused the call: the user lacks {role}; add it to a role collection assigned to"
+        ' the user (declare it as the route\'s "cpiRole" to have this checked before CPI)',
+        details={"cause": "role", **details},
+    )
+
+
+async def _head(upstream: aiohttp.ClientResponse, limit: int) -> str:
+    """At most `limit` bytes of a body, as text, for an error report."""
+    data = b""
+    while len(data) < limit:
+        chunk = await upstream.content.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace")
+
+
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-) -> None:
+) -> int:
     """Copy the body; if either side breaks, cut the client's connection rather than end the
-    response cleanly, so a truncated body never looks complete."""
+    response cleanly, so a truncated body never looks complete. Returns the bytes copied."""
+    copied = 0
     try:
         async for chunk in upstream.content.iter_any():
+            copied += len(chunk)
             await response.write(chunk)
     except ConnectionResetError:
         log.info("client went away during the response")
@@ -254,3 +333,4 @@ async def _relay(
         log.warning("CPI broke off the response body (%s)", exc.__class__.__name__)
         if request.transport is not None:
             request.transport.close()
+    return copied

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.errors import InvalidToken, KeysUnavailable
+from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,12 @@ class KeyStore:
         min_refresh: float = 30.0,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._url = url
+        self._metrics = metrics or Metrics()
+        self.last_error: str | None = None  # for /readyz
         self._fallback = load_pem_key(fallback_pem) if fallback_pem else None
         self._ttl = ttl
         self._min_refresh = min_refresh
@@ -141,6 +145,16 @@ class KeyStore:
             task.exception()  # retrieved here so an unawaited failure is not reported as lost
 
     async def _fetch(self) -> None:
+        try:
+            await self._fetch_once()
+        except KeyFetchError as exc:
+            self._metrics.key_fetches.labels("failure").inc()
+            self.last_error = str(exc)
+            raise
+        self._metrics.key_fetches.labels("success").inc()
+        self.last_error = None
+
+    async def _fetch_once(self) -> None:
         try:
             async with self._session.get(
                 self._url,

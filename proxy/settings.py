@@ -33,6 +33,10 @@ class Settings:
     max_connections: int = 100
     replay_limit: int = 1024 * 1024  # bodies up to this (by Content-Length) can be re-sent
     reload_interval: float = 5.0  # seconds between route-file checks; 0: only on SIGHUP
+    metrics_port: int = 0  # 0: /metrics on the main port
+    shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
+    debug: bool = False  # /_debug/tokens
+    debug_scope: str | None = None  # required for /_debug/tokens when set ($XSAPPNAME expands)
 
 
 def effective_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
@@ -70,12 +74,9 @@ def _number(
 
 def load(environ: Mapping[str, str]) -> Settings:
     d = Settings()
-    port = int(_number(environ, "PORT", d.port, integer=True))
-    if port > 65535:
-        raise ConfigError(f"PORT={port} is not a TCP port (1-65535)")
     return Settings(
         host=d.host,
-        port=port,
+        port=_port(environ, "PORT", d.port),
         routes_file=Path(environ.get("CPI_PROXY_CONFIG") or d.routes_file),
         cache_size=int(_number(environ, "CPI_PROXY_CACHE_SIZE", d.cache_size, integer=True)),
         exchange_timeout=_number(
@@ -99,4 +100,26 @@ def load(environ: Mapping[str, str]) -> Settings:
         reload_interval=_number(
             environ, "CPI_PROXY_RELOAD_INTERVAL", d.reload_interval, integer=False, zero=True
         ),
+        metrics_port=_port(environ, "CPI_PROXY_METRICS_PORT", d.metrics_port),
+        shutdown_grace=_number(
+            environ, "CPI_PROXY_SHUTDOWN_GRACE", d.shutdown_grace, integer=False, zero=True
+        ),
+        debug=_flag(environ, "CPI_PROXY_DEBUG"),
+        debug_scope=environ.get("CPI_PROXY_DEBUG_SCOPE") or None,
     )
+
+
+def _port(environ: Mapping[str, str], key: str, default: int) -> int:
+    port = int(_number(environ, key, default, integer=True, zero=True))
+    if port > 65535:
+        raise ConfigError(f"{key}={port} is not a TCP port (1-65535)")
+    return port
+
+
+def _flag(environ: Mapping[str, str], key: str) -> bool:
+    raw = environ.get(key, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{key}={raw!r} is not a switch; use 1 or 0")

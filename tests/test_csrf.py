@@ -66,6 +66,9 @@ async def test_false_never_fetches_and_passes_cpis_403(
     proxy = await make_proxy(routes=routes(False))
     async with proxy.post("/cpi/echo", data=b"x", headers=bearer(xsuaa.mint_user_token())) as r:
         assert (r.status, r.headers["X-CSRF-Token"]) == (403, "Required")
+        body = await r.json()
+    assert (body["cause"], body["cpi_status"]) == ("csrf", 403)
+    assert body["cpi_body"] == "CSRF token validation failed"
     assert trail(protected) == ["rejected"]
 
 

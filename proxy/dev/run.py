@@ -19,12 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import AccessLogger, create_app
+from proxy.app import create_app
 from proxy.bindings import load_bindings
 from proxy.dev.ca import make_dev_ca
 from proxy.dev.iflow import EmulatedIflowRuntime
 from proxy.dev.xsuaa import DEFAULT_CPI_PARAMS, EmulatedXsuaa, load_cpi_params
 from proxy.errors import ConfigError
+from proxy.ops import AccessLogger
 from proxy.routes import RouteTable, load_routes
 from proxy.settings import Settings
 

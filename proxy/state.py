@@ -1,0 +1,37 @@
+"""Typed keys for what the app and each request carry (aiohttp's AppKey / RequestKey)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.auth import TokenValidator
+from proxy.bindings import Bindings
+from proxy.csrf import CsrfStore
+from proxy.exchange import TokenExchanger
+from proxy.forward import Forwarder
+from proxy.keys import KeyStore
+from proxy.metrics import Metrics
+from proxy.reload import RouteState
+from proxy.settings import Settings
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    keys: KeyStore
+    validator: TokenValidator
+    exchanger: TokenExchanger
+    forwarder: Forwarder
+    csrf: CsrfStore
+
+
+SETTINGS = web.AppKey("settings", Settings)
+BINDINGS = web.AppKey("bindings", Bindings)
+ROUTES = web.AppKey("routes", RouteState)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+METRICS = web.AppKey("metrics", Metrics)
+
+CORRELATION_ID = web.RequestKey("correlation_id", str)
+ROUTE_NAME = web.RequestKey("route_name", str)  # for metrics and the request log
+USER = web.RequestKey("user", str)  # an anonymous id of the caller, for the request log
