@@ -12,14 +12,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import __version__
-from proxy.app import AccessLogger, create_app
+from proxy import __version__, logs
+from proxy.app import create_app
 from proxy.bindings import Bindings, load_bindings
 from proxy.errors import ConfigError
+from proxy.ops import AccessLogger
 from proxy.routes import RouteTable, load_routes
 from proxy.settings import Settings, effective_environ, load
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy (the default)")
     serve.add_argument("--host", help="listen address (default 0.0.0.0)")
     sub.add_parser("check", help="validate bindings and routes, print them, exit")
+    doctor = sub.add_parser(
+        "doctor", help="check XSUAA, CPI and each route live; print a checklist, exit 0 or 1"
+    )
+    doctor.add_argument(
+        "--token", metavar="JWT", help="also check this user token ('-': read it from stdin)"
+    )
     dev = sub.add_parser("dev", help="run with an emulated XSUAA and iFlow runtime on loopback")
     dev.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     dev.add_argument("--port", type=int, help="proxy port (default $PORT or 8080; 0: any free)")
     return parser
-
-
-def _configure_logging(environ: Mapping[str, str]) -> None:
-    level = environ.get("LOG_LEVEL", "INFO").upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL={level!r} is not one of {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "serve"
     try:
         environ = effective_environ(os.environ, Path.cwd())
-        _configure_logging(environ)
+        logs.configure(environ)
         if command == "dev":
             from proxy.dev.run import run_dev
 
@@ -105,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         print(describe(config))
         return 0
+    if command == "doctor":
+        from proxy.doctor import main as doctor_main
+
+        return doctor_main(config, args.token)
     settings = replace(config.settings, host=args.host or config.settings.host)
     app = create_app(
         settings, config.bindings, config.routes, routes_file=settings.routes_file, live_reload=True
@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         access_log_class=AccessLogger,
+        shutdown_timeout=settings.shutdown_grace,  # SIGTERM: in-flight requests may finish
         print=lambda line: logging.getLogger("proxy").info("%s", line),
     )
     return 0

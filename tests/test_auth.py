@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.app import PIPELINE
 from proxy.auth import MAX_TOKEN_BYTES, audience_matches, bearer_token
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import InvalidToken, Unauthorized
+from proxy.state import PIPELINE
 from tests.conftest import Iflow, MakeProxy, bearer
 
 Client = TestClient[web.Request, web.Application]

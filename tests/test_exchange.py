@@ -12,12 +12,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.app import PIPELINE
 from proxy.auth import Claims, token_hash
 from proxy.bindings import JWT_BEARER, load_bindings
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import ExchangeUnavailable
 from proxy.exchange import TokenExchanger
+from proxy.state import PIPELINE
 from tests.conftest import FakeClock, Iflow, MakeProxy, bearer, until
 
 Client = TestClient[web.Request, web.Application]

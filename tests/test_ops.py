@@ -102,10 +102,10 @@ async def test_metrics_can_live_on_their_own_port(
     proxy = await make_proxy(metrics_port=unused_tcp_port, host="127.0.0.1")
     async with proxy.get("/metrics") as resp:
         assert resp.status == 404  # not on the public port
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as resp:
-            assert resp.status == 200
-            assert "cpi_proxy_requests_in_flight" in await resp.text()
+    side = f"http://127.0.0.1:{unused_tcp_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(side) as resp:
+        assert resp.status == 200
+        assert "cpi_proxy_requests_in_flight" in await resp.text()
 
 
 async def test_readyz_waits_for_keys(make_proxy: MakeProxy, xsuaa: EmulatedXsuaa) -> None:
@@ -213,7 +213,7 @@ async def test_request_log_is_json_in_saps_shape_and_free_of_secrets(
         Settings(), load_bindings({"VCAP_SERVICES": json.dumps(vcap)}), parse_routes(ROUTES)
     )
     server = await aiohttp_server(app, access_log_class=AccessLogger)
-    client = await aiohttp_client(server)
+    client: TestClient[web.Request, None] = await aiohttp_client(server)
     user_token = xsuaa.mint_user_token("alice")
     headers = {**bearer(user_token), "x-correlationid": "corr-1", "Cookie": "mine=secret-cookie"}
     async with client.post("/cpi/csrf/echo", data=b"x", headers=headers) as resp:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import ROUTES
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import ConfigError
 from proxy.routes import parse_routes
+from proxy.state import ROUTES
 from tests.conftest import ROUTES as TEST_ROUTES
 from tests.conftest import Iflow, MakeProxy, bearer, until
 

@@ -12,10 +12,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpServer
 
-from proxy.app import PIPELINE
 from proxy.bindings import JWT_BEARER
 from proxy.dev import EmulatedXsuaa
 from proxy.dev.iflow import cpi_token_of
+from proxy.state import PIPELINE
 from tests.conftest import Iflow, MakeProxy, bearer, until
 
 Client = TestClient[web.Request, web.Application]

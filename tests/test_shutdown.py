@@ -1,0 +1,71 @@
+"""SIGTERM (Cloud Foundry's stop): stop accepting, let in-flight requests finish, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from proxy.dev import EmulatedXsuaa
+from tests.conftest import ROUTES, Iflow, bearer
+
+
+async def wait_until_serving(url: str, process: asyncio.subprocess.Process) -> None:
+    """Poll /healthz while the process starts (bounded: fails, never hangs)."""
+    async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+        while True:
+            assert process.returncode is None, "the proxy exited during start-up"
+            try:
+                async with session.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def test_sigterm_lets_an_in_flight_stream_finish_and_exits_0(
+    xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps(ROUTES))
+    env = {
+        **os.environ,
+        "VCAP_SERVICES": json.dumps(xsuaa.vcap_services(iflow.url)),
+        "CPI_PROXY_CONFIG": str(routes),
+        "PORT": str(unused_tcp_port),
+        "CPI_PROXY_SHUTDOWN_GRACE": "20",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1",
+        env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    try:
+        await wait_until_serving(url, process)
+        async with aiohttp.ClientSession() as session:
+            headers = bearer(xsuaa.mint_user_token())
+            async with session.get(f"{url}/cpi/_emu/download-gate", headers=headers) as resp:
+                assert await resp.content.readline() == b"first\n"
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):  # new connections are refused meanwhile
+                    while True:
+                        try:
+                            async with aiohttp.ClientSession() as other:
+                                await other.get(f"{url}/healthz")
+                        except aiohttp.ClientConnectionError:
+                            break
+                        await asyncio.sleep(0.05)
+                iflow.runtime.download_continue.set()
+                assert (resp.status, await resp.content.read()) == (200, b"second\n")
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
