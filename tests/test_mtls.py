@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -37,13 +38,21 @@ async def call(
 
 
 async def test_exchange_over_mutual_tls_works_end_to_end(
-    make_proxy: MakeProxy, xsuaa: EmulatedXsuaa, iflow: Iflow, dev_ca: DevCA, cert_endpoint: str
+    make_proxy: MakeProxy,
+    xsuaa: EmulatedXsuaa,
+    iflow: Iflow,
+    dev_ca: DevCA,
+    cert_endpoint: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     cert, key = xsuaa.issue_cpi_client_cert(dev_ca)
     proxy = await make_proxy(vcap=xsuaa.vcap_services_x509(iflow.url, cert, key))
     assert await call(proxy, xsuaa) == (200, b"via mtls")
     assert await call(proxy, xsuaa, "/tech/echo") == (200, b"via mtls")
     assert xsuaa.token_requests == {JWT_BEARER: 1, "client_credentials": 1}
+    key_body = key.splitlines()[1]
+    assert "PRIVATE KEY" not in caplog.text and key_body not in caplog.text
 
 
 async def test_certificate_from_another_ca_fails_the_handshake_with_a_clear_502(
