@@ -268,7 +268,11 @@ class Forwarder:
                 reason=upstream.reason,
                 headers=downstream_headers(upstream.headers, correlation_id),
             )
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ConnectionResetError:  # the client left while CPI was answering
+                log.info("client went away before the response started")
+                return response
             self._metrics.bytes_in.inc(await _relay(request, upstream, response))
         return response
 

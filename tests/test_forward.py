@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import resource
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,8 +17,12 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.app import create_app
+from proxy.bindings import load_bindings
 from proxy.dev import GZIP_BODY, EmulatedXsuaa
 from proxy.forward import downstream_headers
+from proxy.routes import parse_routes
+from proxy.settings import Settings
 from tests.conftest import ROUTES, Iflow, MakeProxy, bearer
 
 Client = TestClient[web.Request, web.Application]
@@ -288,3 +294,39 @@ async def test_client_leaving_mid_download_leaves_the_proxy_serving(
         resp.close()  # drop the connection with most of the body unread
     async with proxy.post("/cpi/echo", data=b"after", headers=bearer(token)) as resp:
         assert (resp.status, await resp.read()) == (200, b"after")
+
+
+async def test_client_leaving_before_the_answer_is_no_server_error(
+    xsuaa: EmulatedXsuaa,
+    iflow: Iflow,
+    ca_file: Path,
+    token: str,
+    unused_tcp_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """wrk and impatient apps drop connections with requests in flight: not a 500, no trace.
+    Served as `serve` does (handlers are not cancelled when the client leaves)."""
+    vcap = xsuaa.vcap_services(iflow.url)
+    app = create_app(
+        Settings(), load_bindings({"VCAP_SERVICES": json.dumps(vcap)}), parse_routes(ROUTES)
+    )
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    base = f"http://127.0.0.1:{unused_tcp_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            hanging = asyncio.ensure_future(
+                session.get(f"{base}/cpi/_emu/hang", headers=bearer(token))
+            )
+            await iflow.runtime.hangs.wait_for(1)
+            hanging.cancel()  # the client drops the connection while CPI is still silent
+            with pytest.raises(asyncio.CancelledError):
+                await hanging
+        iflow.runtime.release_hangs()  # CPI answers now, to a client that has gone
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/cpi/echo", headers=bearer(token)) as resp:
+                assert resp.status == 200
+        assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+    finally:
+        await runner.cleanup()
