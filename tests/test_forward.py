@@ -324,9 +324,12 @@ async def test_client_leaving_before_the_answer_is_no_server_error(
             with pytest.raises(asyncio.CancelledError):
                 await hanging
         iflow.runtime.release_hangs()  # CPI answers now, to a client that has gone
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/cpi/echo", headers=bearer(token)) as resp:
-                assert resp.status == 200
+        echo = f"{base}/cpi/echo"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(echo, headers=bearer(token)) as r,
+        ):
+            assert r.status == 200
         assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
     finally:
         await runner.cleanup()
