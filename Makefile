@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt check clean
+.PHONY: run test lint fmt check clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ check: $(STAMP)  ## validate bindings and the route file without serving
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)  ## side-by-side benchmark (installs nginx and wrk when root); ARGS="--duration 5"
+	$(BIN)/python -m pip install --quiet 'uvloop>=0.19'
+	$(BIN)/python bench/run.py $(ARGS)

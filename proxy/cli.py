@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aiohttp import web
-
 from proxy import __version__, logs
-from proxy.app import create_app
 from proxy.bindings import Bindings, load_bindings
 from proxy.errors import ConfigError
-from proxy.ops import AccessLogger
 from proxy.routes import RouteTable, load_routes
+from proxy.serve import serve
 from proxy.settings import Settings, effective_environ, load
 
 
@@ -69,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the proxy (the default)")
     serve.add_argument("--host", help="listen address (default 0.0.0.0)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="processes sharing the port via SO_REUSEPORT (default $CPI_PROXY_WORKERS or 1)",
+    )
     sub.add_parser("check", help="validate bindings and routes, print them, exit")
     doctor = sub.add_parser(
         "doctor", help="check XSUAA, CPI and each route live; print a checklist, exit 0 or 1"
@@ -105,16 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.doctor import main as doctor_main
 
         return doctor_main(config, args.token)
-    settings = replace(config.settings, host=args.host or config.settings.host)
-    app = create_app(
-        settings, config.bindings, config.routes, routes_file=settings.routes_file, live_reload=True
+    settings = replace(
+        config.settings,
+        host=args.host or config.settings.host,
+        workers=args.workers or config.settings.workers,
     )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_grace,  # SIGTERM: in-flight requests may finish
-        print=lambda line: logging.getLogger("proxy").info("%s", line),
-    )
-    return 0
+    try:
+        return serve(settings, config.bindings, config.routes)
+    except ConfigError as exc:
+        print(f"cpi-proxy: {exc}", file=sys.stderr)
+        return 2

@@ -37,6 +37,8 @@ class Settings:
     shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
     debug: bool = False  # /_debug/tokens
     debug_scope: str | None = None  # required for /_debug/tokens when set ($XSAPPNAME expands)
+    loop: str = "auto"  # auto: uvloop when installed
+    workers: int = 1
 
 
 def effective_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
@@ -106,7 +108,16 @@ def load(environ: Mapping[str, str]) -> Settings:
         ),
         debug=_flag(environ, "CPI_PROXY_DEBUG"),
         debug_scope=environ.get("CPI_PROXY_DEBUG_SCOPE") or None,
+        loop=_choice(environ, "CPI_PROXY_LOOP", ("auto", "asyncio", "uvloop")),
+        workers=int(_number(environ, "CPI_PROXY_WORKERS", d.workers, integer=True)),
     )
+
+
+def _choice(environ: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    value = environ.get(key, allowed[0]).strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def _port(environ: Mapping[str, str], key: str, default: int) -> int:

@@ -77,6 +77,8 @@ def test_settings_from_environment() -> None:
         ("PORT", "70000", "PORT=70000 is not a TCP port"),
         ("CPI_PROXY_CACHE_SIZE", "0", "CPI_PROXY_CACHE_SIZE='0' must be greater than 0"),
         ("CPI_PROXY_EXCHANGE_TIMEOUT", "soon", "CPI_PROXY_EXCHANGE_TIMEOUT='soon' is not a number"),
+        ("CPI_PROXY_LOOP", "trio", "CPI_PROXY_LOOP='trio' is not one of auto, asyncio, uvloop"),
+        ("CPI_PROXY_DEBUG", "maybe", "CPI_PROXY_DEBUG='maybe' is not a switch"),
     ],
 )
 def test_bad_settings_name_the_variable(key: str, value: str, message: str) -> None:

@@ -69,3 +69,43 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_exits_0(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_workers_share_the_port_and_stop_together(
+    xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps(ROUTES))
+    env = {
+        **os.environ,
+        "VCAP_SERVICES": json.dumps(xsuaa.vcap_services(iflow.url)),
+        "CPI_PROXY_CONFIG": str(routes),
+        "PORT": str(unused_tcp_port),
+        "LOG_LEVEL": "INFO",
+        "CPI_PROXY_LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--workers", "2",
+        env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    try:
+        await wait_until_serving(url, process)
+        connector = aiohttp.TCPConnector(force_close=True)  # new connections spread over workers
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(20):
+                async with session.get(
+                    f"{url}/cpi/echo", headers=bearer(xsuaa.mint_user_token())
+                ) as r:
+                    assert r.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        assert process.stdout is not None
+        lines = [json.loads(line) for line in (await process.stdout.read()).splitlines()]
+        starts = {line["msg"].split("pid ")[1] for line in lines if "Running on" in line["msg"]}
+        assert len(starts) == 2  # two processes served
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
