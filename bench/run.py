@@ -116,8 +116,11 @@ async def wait_port(port: int, process: subprocess.Popen[bytes] | None = None) -
 
 
 def _ms(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    found = re.match(r"([\d.]+)(us|ms|s|m)$", value)
+    if found is None:
+        raise RuntimeError(f"unexpected wrk latency {value!r}")
+    number, unit = found.groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
 async def wrk(url: str, args: argparse.Namespace, headers: Mapping[str, str]) -> dict[str, float]:

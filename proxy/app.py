@@ -3,8 +3,8 @@
     route -> authenticate -> authorize -> exchange -> forward
 
 One cleanup context owns the ClientSession (pooled, no cookie jar, no auto-decompression) and
-everything built on it; handlers raise `ProxyError`s and `error_middleware` renders them.
-`observe_middleware` sets the correlation id for logging and records the request metrics.
+everything built on it; handlers raise `ProxyError`s and `middleware` renders them.
+The same middleware sets the correlation id for logging and records the request metrics.
 Operator endpoints live in `ops`, the token insight page in `debug`.
 """
 
@@ -32,7 +32,7 @@ from proxy.exchange import CpiCredentials, TokenExchanger
 from proxy.forward import Forwarder
 from proxy.keys import KeyFetchError, KeyStore
 from proxy.logs import correlation
-from proxy.metrics import Metrics, method_label
+from proxy.metrics import Metrics
 from proxy.paths import normalise, split_target
 from proxy.reload import RouteState, warn_public_routes
 from proxy.routes import TARGET_PREFIX, RouteTable
@@ -91,42 +91,32 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Correlation id for every log line, and the request metrics (route names, not paths)."""
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Correlation id for every log line, request metrics (route names, not paths), and the
+    one place where errors become HTTP answers."""
     cid = correlation_id(request)
     correlation.set(cid)
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     started = time.perf_counter()
-    status = 500
     try:
         response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        metrics.in_flight.dec()
-        route = request.get(ROUTE_NAME, "-")
-        metrics.requests.labels(route, method_label(request.method), f"{status // 100}xx").inc()
-        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    cid = correlation_id(request)
-    try:
-        return await handler(request)
     except ProxyError as exc:
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.error)
-        return json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
+        response = json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = exc.reason.lower().replace(" ", "_")
-        return json_error(exc.status, code, exc.reason, cid)
+        response = json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, cid)
     except Exception:
         log.exception("unexpected error")
         description = f"unexpected error in cpi-proxy; the log has details under {cid}"
-        return json_error(500, "server_error", description, cid)
+        response = json_error(500, "server_error", description, cid)
+    finally:
+        metrics.in_flight.dec()
+    route = request.get(ROUTE_NAME, "-")
+    metrics.observe(route, request.method, response.status, time.perf_counter() - started)
+    return response
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -251,7 +241,7 @@ def create_app(
     # Real XSUAA tokens with many role collections exceed aiohttp's 8 KiB header default; allow
     # 32 KiB so tokens up to MAX_TOKEN_BYTES reach the validator and get a JSON answer.
     app = web.Application(
-        middlewares=[observe_middleware, error_middleware],
+        middlewares=[middleware],
         handler_args={"max_field_size": 32 * 1024, "max_line_size": 32 * 1024},
     )
     app[SETTINGS] = settings

@@ -65,6 +65,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "x-correlationid"}
 CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024  # answers up to this size (by Content-Length) are sent in one write
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -262,11 +263,25 @@ class Forwarder:
     async def _respond(
         self, request: web.Request, upstream: aiohttp.ClientResponse, correlation_id: str
     ) -> web.StreamResponse:
+        headers = downstream_headers(upstream.headers, correlation_id)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            # Most iFlow answers are small: one read, then headers and body in one write.
+            async with upstream:
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise UpstreamUnreachable(
+                        f"CPI broke off its answer ({exc.__class__.__name__})"
+                    ) from None
+            self._metrics.bytes_in.inc(len(body))
+            headers.popall("Content-Length", None)
+            return web.Response(
+                body=body, status=upstream.status, reason=upstream.reason, headers=headers
+            )
         async with upstream:
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=downstream_headers(upstream.headers, correlation_id),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
             try:
                 await response.prepare(request)

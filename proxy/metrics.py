@@ -1,14 +1,19 @@
 """Prometheus metrics. Labels are bounded: route names, grants, outcomes, never paths or users.
 
 Each app owns a `CollectorRegistry`, so two apps in one process (tests, `dev`) never collide.
+The values touched on every request (in flight, bytes, cache lookups) are plain integers read
+at scrape time: the event loop is single-threaded, so they need none of prometheus-client's
+per-update locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -18,6 +23,48 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 
 def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
+
+
+class Tally:
+    """A number the event loop bumps without a lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: int = 1) -> None:
+        self.value -= amount
+
+
+class _Hot(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        yield GaugeMetricFamily(
+            "cpi_proxy_requests_in_flight", "Requests being handled.", value=m.in_flight.value
+        )
+        out = CounterMetricFamily(
+            "cpi_proxy_upstream_bytes",
+            "Body bytes sent to (out) and received from (in) CPI.",
+            labels=["direction"],
+        )
+        out.add_metric(["out"], m.bytes_out.value)
+        out.add_metric(["in"], m.bytes_in.value)
+        yield out
+        cache = CounterMetricFamily(
+            "cpi_proxy_token_cache_lookups",
+            "CPI token cache lookups by result (hit or miss).",
+            labels=["result"],
+        )
+        cache.add_metric(["hit"], m.cache_hit.value)
+        cache.add_metric(["miss"], m.cache_miss.value)
+        yield cache
 
 
 class Metrics:
@@ -57,12 +104,6 @@ class Metrics:
             ["grant", "outcome"],
             registry=r,
         )
-        self.cache = Counter(
-            "cpi_proxy_token_cache_lookups",
-            "CPI token cache lookups by result (hit or miss).",
-            ["result"],
-            registry=r,
-        )
         self.cache_evictions = Counter(
             "cpi_proxy_token_cache_evictions",
             "CPI tokens dropped from a full cache before they expired.",
@@ -77,19 +118,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "cpi_proxy_requests_in_flight", "Requests being handled.", registry=r
-        )
-        self.upstream_bytes = Counter(
-            "cpi_proxy_upstream_bytes",
-            "Body bytes sent to (out) and received from (in) CPI.",
-            ["direction"],
-            registry=r,
-        )
-        self.bytes_out = self.upstream_bytes.labels("out")
-        self.bytes_in = self.upstream_bytes.labels("in")
-        self.cache_hit = self.cache.labels("hit")
-        self.cache_miss = self.cache.labels("miss")
+        self.in_flight, self.bytes_out, self.bytes_in = Tally(), Tally(), Tally()
+        self.cache_hit, self.cache_miss = Tally(), Tally()
+        r.register(_Hot(self))
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One answered request; label children are looked up once per label set."""
+        key = (route, method_label(method), status // 100)  # bounded: routes x 8 x 5
+        children = self._children.get(key)
+        if children is None:
+            labels = (route, key[1], f"{status // 100}xx")
+            children = self.requests.labels(*labels), self.request_seconds.labels(route)
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def track_cache_size(self, size: Callable[[], int]) -> None:
         self.cache_size.set_function(lambda: float(size()))

@@ -56,6 +56,10 @@ async def metrics_site(app: web.Application) -> AsyncIterator[None]:
 class AccessLogger(AbstractAccessLogger):
     """One request log line (SAP's `type: request` fields); the path without its query."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)  # at WARNING, costs nothing per request
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         token = correlation.set(request.get(CORRELATION_ID, "-"))
         try:
