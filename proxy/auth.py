@@ -29,7 +29,8 @@ MAX_TOKEN_BYTES = 16 * 1024  # real XSUAA tokens are 1-4 KiB; bigger ones are re
 
 @dataclass(frozen=True)
 class Claims:
-    """What the pipeline needs from a validated user token."""
+    """What the pipeline needs from a validated user token: kept per user in the claims cache,
+    so only the few fields in use (not the whole payload) to keep each entry small."""
 
     token_hash: bytes
     subject: str  # user_name, or client_id for a client-credentials token
@@ -37,7 +38,7 @@ class Claims:
     zone_id: str
     client_id: str
     expires_at: float  # epoch seconds
-    raw: Mapping[str, Any]
+    origin: str = ""  # the user's identity provider (sap.default, ldap, ...)
 
     @property
     def anonymous_id(self) -> str:
@@ -190,7 +191,7 @@ class TokenValidator:
             zone_id=str(zid),
             client_id=str(payload.get("client_id") or payload.get("cid") or ""),
             expires_at=float(payload["exp"]),
-            raw=payload,
+            origin=str(payload.get("origin") or ""),
         )
 
 

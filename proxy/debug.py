@@ -77,5 +77,6 @@ async def tokens_page(request: web.Request) -> web.Response:
     cpi = await pipeline.exchanger.for_user(claims, token)
     cpi_claims = jwt.decode(cpi.access_token, options={"verify_signature": False})
     prefix = app[BINDINGS].cpi.xsappname + "."
-    page = render(claims.raw, cpi_claims, prefix)
+    user_claims = jwt.decode(token, options={"verify_signature": False})  # validated above
+    page = render(user_claims, cpi_claims, prefix)
     return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})

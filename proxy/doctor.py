@@ -271,7 +271,7 @@ class _Doctor:
         except ProxyError as exc:
             self.report("User token", "fail", exc.description, self.token_fix(exc))
         else:
-            origin, minutes = claims.raw.get("origin", "-"), (claims.expires_at - self.clock()) / 60
+            origin, minutes = (claims.origin or "-"), (claims.expires_at - self.clock()) / 60
             detail = f"user {claims.subject} (origin {origin}), zone {claims.zone_id},"
             detail += f" expires in {minutes:.0f} min; scopes {_list(claims.scopes)}"
             self.report("User token", "ok", detail)

@@ -193,7 +193,6 @@ def claims_for(token: str, expires_in: float) -> Claims:
         zone_id="z",
         client_id="c",
         expires_at=time.time() + expires_in,
-        raw={},
     )
 
 
