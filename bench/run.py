@@ -145,8 +145,8 @@ async def wrk(url: str, args: argparse.Namespace, headers: Mapping[str, str]) ->
     return {
         "requests": float(found.group(1)) if found else 0.0,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "errors": float(errors.group(1) if errors else 0)
         + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0),
     }
@@ -272,7 +272,7 @@ class Bench:
             "CPI_PROXY_CACHE_SIZE": str(max(10_000, self.args.users * 2)),
         }
         command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1"]
-        return self.spawn(command, PROXY_CPU, env)
+        return self.spawn(command, PROXY_CPU if env.get("CPI_PROXY_WORKERS", "1") == "1" else "0-63", env)
 
     async def stop(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
