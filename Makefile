@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt check clean bench
+.PHONY: run test lint fmt check clean bench soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ clean:
 bench: $(STAMP)  ## side-by-side benchmark (installs nginx and wrk when root); ARGS="--duration 5"
 	$(BIN)/python -m pip install --quiet 'uvloop>=0.19'
 	$(BIN)/python bench/run.py $(ARGS)
+
+soak: $(STAMP)  ## bounded mixed-load soak against the emulators; ARGS="--minutes 5"
+	$(BIN)/python bench/soak.py $(ARGS)
