@@ -244,6 +244,7 @@ class TokenExchanger:
                 url, data=form, timeout=self._timeout, headers=self._headers, ssl=self._ssl
             ) as resp:
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After", "")
                 body = await resp.text(errors="replace")
         except TimeoutError:
             raise ExchangeTimeout(
@@ -269,7 +270,9 @@ class TokenExchanger:
             said += f" ({description})"
         log.warning("token request (%s) failed: %s", grant, said)
         if status >= 500 or status == 429:
-            raise ExchangeUnavailable(f"{said}; retry later")
+            # XSUAA's own pacing reaches the caller; a number only, never a reflected string.
+            pacing = {"Retry-After": retry_after} if retry_after.isdigit() else None
+            raise ExchangeUnavailable(f"{said}; retry later", headers=pacing)
         if form.get("assertion") and error in _ASSERTION_REFUSED:
             # The user's token, not our setup, is at fault: the caller must get a new one.
             raise InvalidToken(f"XSUAA refused the user token for the exchange: {said}")

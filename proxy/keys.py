@@ -1,7 +1,7 @@
 """XSUAA verification keys: fetched only from the bound uaadomain, cached, refreshed carefully.
 
-- Keys live `ttl` seconds; a stale set is refreshed on next use, and if that refresh fails the
-  stale keys keep serving (XSUAA being down must not take the proxy down with it).
+- Keys live `ttl` seconds; a stale set is refreshed in the background on next use while the
+  stale keys keep serving, so a slow or failing XSUAA never delays or breaks known keys.
 - An unknown kid triggers a refresh, but at most one per `min_refresh` seconds, so a flood of
   random kids cannot turn the proxy into a load generator against XSUAA.
 - Concurrent callers share one in-flight fetch; a failed fetch is never cached.
@@ -109,10 +109,14 @@ class KeyStore:
         """The key for `kid`; InvalidToken if XSUAA does not know it, KeysUnavailable if unsure."""
         now = self._clock()
         stale = self._fetched_at is None or now - self._fetched_at >= self._ttl
-        unknown = kid not in self._keys
         may_refresh = self._attempted_at is None or now - self._attempted_at >= self._min_refresh
+        known = self._keys.get(kid)
+        if known is not None:
+            if stale and may_refresh and self._inflight is None:
+                self._start()  # stale-while-revalidate: a slow XSUAA never delays known keys
+            return known
         failure: KeyFetchError | None = None
-        if (stale or unknown) and (may_refresh or self._inflight is not None):
+        if may_refresh or self._inflight is not None:
             try:
                 await self.refresh()
             except KeyFetchError as exc:
@@ -133,11 +137,13 @@ class KeyStore:
 
     async def refresh(self) -> None:
         """Fetch the key set, sharing one request among all concurrent callers."""
-        if self._inflight is None:
-            self._attempted_at = self._clock()
-            self._inflight = asyncio.ensure_future(self._fetch())
-            self._inflight.add_done_callback(self._clear_inflight)
-        await asyncio.shield(self._inflight)
+        await asyncio.shield(self._inflight or self._start())
+
+    def _start(self) -> asyncio.Task[None]:
+        self._attempted_at = self._clock()
+        self._inflight = asyncio.ensure_future(self._fetch())
+        self._inflight.add_done_callback(self._clear_inflight)
+        return self._inflight
 
     def _clear_inflight(self, task: asyncio.Task[None]) -> None:
         self._inflight = None

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp.plugin import AiohttpServer
 
 from proxy.auth import Claims, token_hash
 from proxy.bindings import JWT_BEARER, load_bindings
@@ -257,3 +258,21 @@ async def test_failure_reaches_every_waiter_and_is_forgotten(
     xsuaa.token_fault = None
     assert (await exchanger.for_user(claims, token)).access_token
     assert exchanger.cached == 1
+
+
+async def test_xsuaa_rate_limit_passes_its_retry_after_on(
+    make_proxy: MakeProxy, xsuaa: EmulatedXsuaa, iflow: Iflow, aiohttp_server: AiohttpServer
+) -> None:
+    async def busy(request: web.Request) -> web.Response:
+        body = {"error": "too_many_requests", "error_description": "slow down"}
+        return web.json_response(body, status=429, headers={"Retry-After": "7"})
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", busy)
+    server = await aiohttp_server(app)
+    vcap = xsuaa.vcap_services(iflow.url)
+    vcap["it-rt"][0]["credentials"]["oauth"]["tokenurl"] = str(server.make_url("/oauth/token"))
+    proxy = await make_proxy(vcap=vcap)
+    async with proxy.get("/cpi/echo", headers=bearer(xsuaa.mint_user_token())) as resp:
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "7")
+        assert "429" in (await resp.json())["error_description"]
