@@ -68,6 +68,8 @@ def token_hash(token: str) -> bytes:
 def audience_matches(claims: Mapping[str, Any], clientid: str, xsappname: str) -> bool:
     """xssec 4: candidates are `aud` (or scope prefixes if it is empty) plus `cid`."""
     aud = claims.get("aud")
+    if aud is not None and not isinstance(aud, str | list):
+        return False  # a mistyped aud matches nothing
     candidates: list[str] = [aud] if isinstance(aud, str) else list(aud or [])
     if not candidates:
         candidates = [s.split(".", 1)[0] for s in _scopes(claims) if "." in s]
@@ -95,7 +97,10 @@ def _scopes(claims: Mapping[str, Any]) -> Iterable[str]:
 def _jku_allowed(jku: object, uaadomain: str) -> bool:
     if not isinstance(jku, str):
         return False
-    parts = urlsplit(jku)
+    try:
+        parts = urlsplit(jku)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
     host = (parts.netloc or "").lower()
     domain = uaadomain.lower()
     return parts.scheme == "https" and (host == domain or host.endswith("." + domain))
@@ -109,7 +114,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
             raise ValueError
         padded = parts[0] + "=" * (-len(parts[0]) % 4)
         header = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeError):
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
         raise InvalidToken("the token is not a well-formed JWT") from None
     if not isinstance(header, dict):
         raise InvalidToken("the token is not a well-formed JWT")
@@ -133,6 +138,8 @@ class TokenValidator:
     async def validate(self, token: str) -> Claims:
         if len(token) > MAX_TOKEN_BYTES:
             raise InvalidToken(f"the token is larger than {MAX_TOKEN_BYTES} bytes")
+        if not token.isascii():
+            raise InvalidToken("the token is not a well-formed JWT (non-ASCII bytes)")
         digest = token_hash(token)
         cached = self._cache.get(digest)
         if cached is not None:
@@ -155,7 +162,7 @@ class TokenValidator:
             raise InvalidToken("the token's jku is not on the bound XSUAA's domain")
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, RecursionError):
             raise InvalidToken("the token is not a well-formed JWT") from None
         zid = unverified.get("zid")
         if zid != self._binding.zone_id:
@@ -177,6 +184,8 @@ class TokenValidator:
             raise InvalidToken("the token's signature does not verify") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"the token is invalid: {exc}") from None
+        except (ValueError, RecursionError, OverflowError):
+            raise InvalidToken("the token is not a well-formed JWT") from None
         binding = self._binding
         if not audience_matches(payload, binding.clientid, binding.xsappname):
             raise InvalidToken(
@@ -184,13 +193,17 @@ class TokenValidator:
                 "it was issued for another XSUAA client"
             )
         subject = payload.get("user_name") or payload.get("client_id") or payload.get("sub")
+        try:
+            expires_at = float(payload["exp"])
+        except (OverflowError, ValueError, TypeError):
+            raise InvalidToken("the token's exp is not a usable time") from None
         return Claims(
             token_hash=digest,
             subject=str(subject or ""),
             scopes=frozenset(_scopes(payload)),
             zone_id=str(zid),
             client_id=str(payload.get("client_id") or payload.get("cid") or ""),
-            expires_at=float(payload["exp"]),
+            expires_at=expires_at,
             origin=str(payload.get("origin") or ""),
         )
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from proxy.errors import BadRequest, ConfigError, MethodNotAllowed, NotFound
-from proxy.paths import normalise
+from proxy.paths import normalise, split_target
 
 Grant = Literal["jwt-bearer", "client-credentials"]
 GRANTS: tuple[Grant, ...] = ("jwt-bearer", "client-credentials")
@@ -95,6 +96,21 @@ class RouteTable:
         return RouteTable(routes, self.xsuaa_service, self.cpi_service)
 
 
+def map_request(table: RouteTable, raw_target: str, method: str) -> tuple[Route, str, str]:
+    """A request-target as CPI will see it: (route, path under /http/, byte-exact query).
+
+    The path is normalised before routing; a group that carries a dot segment into the target
+    could climb out of the route's prefix, so such a mapping is refused, never resolved.
+    """
+    raw_path, query = split_target(raw_target)
+    route, target = table.match(normalise(raw_path), method)
+    if normalise(target) != target or not target.startswith(TARGET_PREFIX):
+        raise BadRequest(
+            f"the mapped path holds dot segments or leaves {TARGET_PREFIX}; nothing was sent to CPI"
+        )
+    return route, target, query
+
+
 def _service_name(data: Mapping[str, Any], key: str, where: str) -> str | None:
     section = data.get(key)
     if section is None:
@@ -126,8 +142,10 @@ def _parse_route(raw: Any, index: int, where: str) -> Route:
     if not isinstance(source_text, str) or not source_text:
         raise ConfigError(f"{at}: source (a regex on the request path) is required")
     try:
-        source = re.compile(source_text)
-    except re.error as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # re's FutureWarnings flag patterns that may change
+            source = re.compile(source_text)
+    except (re.error, FutureWarning) as exc:
         raise ConfigError(f"{at}: source {source_text!r} is not a valid regex ({exc})") from None
     target = raw.get("target")
     if not isinstance(target, str) or not target.startswith(TARGET_PREFIX):

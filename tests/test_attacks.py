@@ -222,3 +222,49 @@ async def test_faults_leave_no_connections_or_tasks_behind(
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) <= baseline
     assert sum(len(c) for c in connector._acquired_per_host.values()) == 0
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        b64(b"[" * 3000) + ".e30.x",  # nesting deep enough to exhaust the JSON parser
+        b64({"alg": "RS256", "kid": "key-1", "jku": "https://["}) + ".e30.x",  # unparsable URL
+        b64({"alg": "RS256", "kid": "key-1", "jku": "https://a\uff03b/"}) + ".e30.x",
+    ],
+)
+async def test_pathological_tokens_are_401_not_500(proxy: Client, token: str) -> None:
+    """Found by tests/test_fuzz.py: each of these once raised past the validator."""
+    assert await status_of(proxy, {"Authorization": f"Bearer {token}"}) == 401
+
+
+async def test_raw_non_ascii_bytes_in_the_token_are_401(proxy: Client) -> None:
+    header = b64({"alg": "RS256", "kid": "key-1"}).encode()
+    request = b"GET /cpi/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + header
+    answer = await raw_request(proxy, request + b".\xff.x\r\n\r\n")
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 401 Unauthorized")
+
+
+@pytest.mark.parametrize(
+    "claims", [{"aud": 5}, {"aud": {"sb-cpitexxsappname!t4711": 1}}, {"exp": 10**400}]
+)
+async def test_mistyped_signed_claims_are_401(
+    proxy: Client, xsuaa: EmulatedXsuaa, claims: dict[str, Any]
+) -> None:
+    token = xsuaa.mint_user_token(claims={**claims, "cid": "someone-else"})
+    assert await status_of(proxy, bearer(token)) == 401
+
+
+async def test_a_route_group_cannot_climb_into_another_routes_prefix(
+    make_proxy: MakeProxy, xsuaa: EmulatedXsuaa, iflow: Iflow
+) -> None:
+    routes = {
+        "routes": [
+            {"name": "admin", "source": "^/admin/(.*)$", "target": "/http/admin/$1",
+             "scope": "$XSAPPNAME.admin"},
+            {"name": "orders", "source": "^/orders(.*)$", "target": "/http/orders/$1"},
+        ]
+    }  # fmt: skip
+    proxy = await make_proxy(routes=routes)
+    for path in ("/orders../admin/x", "/orders..", "/orders./x"):
+        assert await status_of(proxy, bearer(xsuaa.mint_user_token()), path) == 400
+    assert iflow.runtime.requests == []
