@@ -285,7 +285,7 @@ class Forwarder:
             )
             try:
                 await response.prepare(request)
-            except ConnectionResetError:  # the client left while CPI was answering
+            except ConnectionError:  # the client left while CPI was answering
                 log.info("client went away before the response started")
                 return response
             self._metrics.bytes_in.inc(await _relay(request, upstream, response))
@@ -345,10 +345,12 @@ async def _relay(
     try:
         async for chunk in upstream.content.iter_any():
             copied += len(chunk)
-            await response.write(chunk)
-    except ConnectionResetError:
-        log.info("client went away during the response")
-    except (aiohttp.ClientError, TimeoutError) as exc:
+            try:
+                await response.write(chunk)
+            except ConnectionError:  # "Connection lost", "Cannot write to closing transport"
+                log.info("client went away during the response")
+                return copied
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         log.warning("CPI broke off the response body (%s)", exc.__class__.__name__)
         if request.transport is not None:
             request.transport.close()
