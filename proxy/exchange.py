@@ -78,6 +78,7 @@ def _hint(status: int, error: str, body: str, credential: str) -> str:
 
 
 _ASSERTION_REFUSED = frozenset({"invalid_grant", "invalid_token"})
+REFUSAL_MEMORY = 60.0  # the validator's leeway: how long an expired token may still arrive
 # Spelled out: the shared session adds no automatic headers (see forward.py).
 _TOKEN_REQUEST_HEADERS = {
     "Accept": "application/json",
@@ -111,6 +112,9 @@ class TokenExchanger:
         self._cache.on_evict = self._metrics.cache_evictions.inc
         self._metrics.track_cache_size(lambda: len(self._cache))
         self._flights: SingleFlight[bytes, CpiToken] = SingleFlight()
+        self._refused: TLRUCache[bytes, float] = TLRUCache(
+            maxsize=cache_size, ttu=lambda _k, until, _now: until, timer=time.time
+        )
         self._headers = dict(_TOKEN_REQUEST_HEADERS)
         self._ssl: ssl.SSLContext | bool = True
         self._credential = "certificate and key" if binding.x509 else "clientsecret"
@@ -143,6 +147,8 @@ class TokenExchanger:
         if cached is not None:
             self._metrics.cache_hit.inc()
             return cached
+        if key in self._refused:
+            raise InvalidToken("XSUAA already refused this token for the exchange; get a new one")
         self._metrics.cache_miss.inc()
         return await self._flights.run(key, partial(self._exchange, key, claims, user_token))
 
@@ -175,7 +181,13 @@ class TokenExchanger:
             "client_id": self._binding.clientid,
             "response_type": "token",
         }
-        token = await self._request(form, claims.expires_at - time.time())
+        try:
+            token = await self._request(form, claims.expires_at - time.time())
+        except InvalidToken:
+            # XSUAA's verdict on this very token will not change: e.g. expired by its clock
+            # inside our leeway. Remember it until the token is gone for us too.
+            self._refused[key] = claims.expires_at + REFUSAL_MEMORY
+            raise
         self._store(key, token)
         return token
 

@@ -227,3 +227,12 @@ def test_bearer_header_shapes(values: list[str], error: type[Exception]) -> None
 def test_bearer_scheme_is_case_insensitive() -> None:
     assert bearer_token(["bearer abc"]) == "abc"
     assert bearer_token(["BEARER abc"]) == "abc"
+
+
+async def test_a_token_xsuaa_refused_is_not_sent_again(proxy: Client, xsuaa: EmulatedXsuaa) -> None:
+    """Found by the soak: inside the leeway, an expired token used to cost an XSUAA call each."""
+    token = xsuaa.mint_user_token(expires_in=-30)
+    for _ in range(5):
+        status, body = await call(proxy, token)
+        assert (status, body["error"]) == (401, "invalid_token")
+    assert sum(xsuaa.token_requests.values()) == 1
