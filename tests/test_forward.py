@@ -296,16 +296,12 @@ async def test_client_leaving_mid_download_leaves_the_proxy_serving(
         assert (resp.status, await resp.read()) == (200, b"after")
 
 
-async def test_client_leaving_before_the_answer_is_no_server_error(
-    xsuaa: EmulatedXsuaa,
-    iflow: Iflow,
-    ca_file: Path,
-    token: str,
-    unused_tcp_port: int,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """wrk and impatient apps drop connections with requests in flight: not a 500, no trace.
-    Served as `serve` does (handlers are not cancelled when the client leaves)."""
+@pytest.fixture
+async def served_like_serve(
+    xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, unused_tcp_port: int
+) -> AsyncIterator[str]:
+    """The proxy served as `cpi-proxy serve` serves it: handlers run on when a client leaves
+    (the test server cancels them instead). Yields the base URL."""
     vcap = xsuaa.vcap_services(iflow.url)
     app = create_app(
         Settings(), load_bindings({"VCAP_SERVICES": json.dumps(vcap)}), parse_routes(ROUTES)
@@ -313,62 +309,47 @@ async def test_client_leaving_before_the_answer_is_no_server_error(
     runner = web.AppRunner(app, handler_cancellation=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    base = f"http://127.0.0.1:{unused_tcp_port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            hanging = asyncio.ensure_future(
-                session.get(f"{base}/cpi/_emu/hang", headers=bearer(token))
-            )
-            await iflow.runtime.hangs.wait_for(1)
-            hanging.cancel()  # the client drops the connection while CPI is still silent
-            with pytest.raises(asyncio.CancelledError):
-                await hanging
-        iflow.runtime.release_hangs()  # CPI answers now, to a client that has gone
-        echo = f"{base}/cpi/echo"
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(echo, headers=bearer(token)) as r,
-        ):
-            assert r.status == 200
-        assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
-    finally:
-        await runner.cleanup()
+    yield f"http://127.0.0.1:{unused_tcp_port}"
+    await runner.cleanup()
+
+
+async def test_client_leaving_before_the_answer_is_no_server_error(
+    served_like_serve: str, iflow: Iflow, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wrk and impatient apps drop connections with requests in flight: not a 500, no trace."""
+    base = served_like_serve
+    async with aiohttp.ClientSession() as session:
+        hanging = asyncio.ensure_future(session.get(f"{base}/cpi/_emu/hang", headers=bearer(token)))
+        await iflow.runtime.hangs.wait_for(1)
+        hanging.cancel()  # the client drops the connection while CPI is still silent
+        with pytest.raises(asyncio.CancelledError):
+            await hanging
+    iflow.runtime.release_hangs()  # CPI answers now, to a client that has gone
+    echo = f"{base}/cpi/echo"
+    async with aiohttp.ClientSession() as session, session.get(echo, headers=bearer(token)) as r:
+        assert r.status == 200
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
 
 
 async def test_client_dropping_a_slow_download_is_no_server_error(
-    xsuaa: EmulatedXsuaa,
-    iflow: Iflow,
-    ca_file: Path,
-    token: str,
-    unused_tcp_port: int,
-    caplog: pytest.LogCaptureFixture,
+    served_like_serve: str, token: str, unused_tcp_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Clients dropping downloads mid-stream are departures, not 500s. The soak found the case
     where aiohttp says ConnectionError("Connection lost") (a client lost during backpressure);
     this test does not hit that race reliably, `make soak` does (it fails on any ERROR line)."""
-    vcap = xsuaa.vcap_services(iflow.url)
-    app = create_app(
-        Settings(), load_bindings({"VCAP_SERVICES": json.dumps(vcap)}), parse_routes(ROUTES)
-    )
-    runner = web.AppRunner(app, handler_cancellation=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        for _ in range(20):
-            reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
-            writer.write(
-                b"GET /cpi/_emu/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n"
-                b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
-            )
-            await reader.readexactly(1_000)  # the proxy keeps writing into a buffer nobody reads
-            writer.transport.abort()
-        base = f"http://127.0.0.1:{unused_tcp_port}"
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/cpi/echo", headers=bearer(token)) as resp:
-                assert resp.status == 200
-            async with session.get(f"{base}/metrics") as resp:
-                metrics = await resp.text()
-        assert 'status_class="5xx"' not in metrics
-        assert "unexpected error" not in caplog.text
-    finally:
-        await runner.cleanup()
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+        writer.write(
+            b"GET /cpi/_emu/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
+        )
+        await reader.readexactly(1_000)  # the proxy keeps writing into a buffer nobody reads
+        writer.transport.abort()
+    base = served_like_serve
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/cpi/echo", headers=bearer(token)) as resp:
+            assert resp.status == 200
+        async with session.get(f"{base}/metrics") as resp:
+            metrics = await resp.text()
+    assert 'status_class="5xx"' not in metrics
+    assert "unexpected error" not in caplog.text

@@ -29,23 +29,32 @@ async def wait_until_serving(url: str, process: asyncio.subprocess.Process) -> N
             await asyncio.sleep(0.05)
 
 
-async def test_sigterm_lets_an_in_flight_stream_finish_and_exits_0(
-    xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
-) -> None:
+async def serve(
+    xsuaa: EmulatedXsuaa, iflow: Iflow, tmp_path: Path, port: int, settings: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """`cpi-proxy serve` in its own process, bound to the emulators; stdout is piped."""
     routes = tmp_path / "routes.json"
     routes.write_text(json.dumps(ROUTES))
     env = {
         **os.environ,
         "VCAP_SERVICES": json.dumps(xsuaa.vcap_services(iflow.url)),
         "CPI_PROXY_CONFIG": str(routes),
-        "PORT": str(unused_tcp_port),
-        "CPI_PROXY_SHUTDOWN_GRACE": "20",
+        "PORT": str(port),
+        **settings,
     }
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1",
         env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+
+
+async def test_sigterm_lets_an_in_flight_stream_finish_and_exits_0(
+    xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    process = await serve(
+        xsuaa, iflow, tmp_path, unused_tcp_port, {"CPI_PROXY_SHUTDOWN_GRACE": "20"}
+    )
     url = f"http://127.0.0.1:{unused_tcp_port}"
     try:
         await wait_until_serving(url, process)
@@ -74,21 +83,8 @@ async def test_sigterm_lets_an_in_flight_stream_finish_and_exits_0(
 async def test_workers_share_the_port_and_stop_together(
     xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
 ) -> None:
-    routes = tmp_path / "routes.json"
-    routes.write_text(json.dumps(ROUTES))
-    env = {
-        **os.environ,
-        "VCAP_SERVICES": json.dumps(xsuaa.vcap_services(iflow.url)),
-        "CPI_PROXY_CONFIG": str(routes),
-        "PORT": str(unused_tcp_port),
-        "LOG_LEVEL": "INFO",
-        "CPI_PROXY_LOG_FORMAT": "json",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--workers", "2",
-        env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    settings = {"LOG_LEVEL": "INFO", "CPI_PROXY_LOG_FORMAT": "json", "CPI_PROXY_WORKERS": "2"}
+    process = await serve(xsuaa, iflow, tmp_path, unused_tcp_port, settings)
     url = f"http://127.0.0.1:{unused_tcp_port}"
     try:
         await wait_until_serving(url, process)
