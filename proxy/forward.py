@@ -64,7 +64,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "x-correlationid"}
-CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers up to this size (by Content-Length) are sent in one write
 
 

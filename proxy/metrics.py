@@ -49,22 +49,25 @@ class _Hot(Collector):
         yield GaugeMetricFamily(
             "cpi_proxy_requests_in_flight", "Requests being handled.", value=m.in_flight.value
         )
-        out = CounterMetricFamily(
+        yield _counter(
             "cpi_proxy_upstream_bytes",
             "Body bytes sent to (out) and received from (in) CPI.",
-            labels=["direction"],
+            "direction",
+            {"out": m.bytes_out, "in": m.bytes_in},
         )
-        out.add_metric(["out"], m.bytes_out.value)
-        out.add_metric(["in"], m.bytes_in.value)
-        yield out
-        cache = CounterMetricFamily(
+        yield _counter(
             "cpi_proxy_token_cache_lookups",
             "CPI token cache lookups by result (hit or miss).",
-            labels=["result"],
+            "result",
+            {"hit": m.cache_hit, "miss": m.cache_miss},
         )
-        cache.add_metric(["hit"], m.cache_hit.value)
-        cache.add_metric(["miss"], m.cache_miss.value)
-        yield cache
+
+
+def _counter(name: str, help_text: str, label: str, tallies: dict[str, Tally]) -> Metric:
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, tally in tallies.items():
+        family.add_metric([value], tally.value)
+    return family
 
 
 class Metrics:
