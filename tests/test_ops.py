@@ -17,6 +17,7 @@ from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 from proxy.app import create_app
 from proxy.bindings import load_bindings
 from proxy.dev import EmulatedXsuaa
+from proxy.errors import ConfigError
 from proxy.logs import configure
 from proxy.ops import AccessLogger
 from proxy.routes import parse_routes
@@ -250,3 +251,42 @@ async def test_request_log_is_json_in_saps_shape_and_free_of_secrets(
     ]
     assert cookies, "the CSRF session cookie must have been used"
     assert [s[:8] for s in secrets if s in text] == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "environ", "json_lines"),
+    [
+        (io.StringIO(), {}, True),
+        (_Terminal(), {}, False),
+        (_Terminal(), {"CPI_PROXY_LOG_FORMAT": "json"}, True),
+        (io.StringIO(), {"CPI_PROXY_LOG_FORMAT": "text"}, False),
+    ],
+)
+def test_logs_are_json_unless_a_person_is_watching(
+    stream: io.StringIO, environ: dict[str, str], json_lines: bool
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure(environ, stream)
+        logging.getLogger("proxy.test").warning("hello %s", "there")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = stream.getvalue().strip()
+    if json_lines:
+        assert json.loads(line)["msg"] == "hello there"
+    else:
+        assert line.endswith("proxy.test: hello there") and not line.startswith("{")
+
+
+def test_bad_log_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="CPI_PROXY_LOG_FORMAT='xml' is not json or text"):
+        configure({"CPI_PROXY_LOG_FORMAT": "xml"}, io.StringIO())
+    with pytest.raises(ConfigError, match="LOG_LEVEL='LOUD'"):
+        configure({"LOG_LEVEL": "loud"}, io.StringIO())

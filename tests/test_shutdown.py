@@ -30,9 +30,16 @@ async def wait_until_serving(url: str, process: asyncio.subprocess.Process) -> N
 
 
 async def serve(
-    xsuaa: EmulatedXsuaa, iflow: Iflow, tmp_path: Path, port: int, settings: dict[str, str]
+    xsuaa: EmulatedXsuaa,
+    iflow: Iflow,
+    tmp_path: Path,
+    port: int,
+    settings: dict[str, str],
+    *,
+    capture: bool = False,
 ) -> asyncio.subprocess.Process:
-    """`cpi-proxy serve` in its own process, bound to the emulators; stdout is piped."""
+    """`cpi-proxy serve` in its own process, bound to the emulators. Its stdout is piped only
+    when the test reads it afterwards (an unread pipe would fill and stall the proxy)."""
     routes = tmp_path / "routes.json"
     routes.write_text(json.dumps(ROUTES))
     env = {
@@ -45,7 +52,8 @@ async def serve(
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1",
         env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
 
 
@@ -84,7 +92,7 @@ async def test_workers_share_the_port_and_stop_together(
     xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path, tmp_path: Path, unused_tcp_port: int
 ) -> None:
     settings = {"LOG_LEVEL": "INFO", "CPI_PROXY_LOG_FORMAT": "json", "CPI_PROXY_WORKERS": "2"}
-    process = await serve(xsuaa, iflow, tmp_path, unused_tcp_port, settings)
+    process = await serve(xsuaa, iflow, tmp_path, unused_tcp_port, settings, capture=True)
     url = f"http://127.0.0.1:{unused_tcp_port}"
     try:
         await wait_until_serving(url, process)
