@@ -2,8 +2,9 @@
 
     route -> authenticate -> authorize -> exchange -> forward
 
-One cleanup context owns the ClientSession (pooled, no cookie jar, no auto-decompression) and
-everything built on it; handlers raise `ProxyError`s and `middleware` renders them.
+One cleanup context owns the connections: the lean `upstream.Pool` for calls to CPI, and a
+ClientSession (no cookie jar, no auto-decompression) for XSUAA and CSRF fetches, and everything
+built on them; handlers raise `ProxyError`s and `middleware` renders them.
 The same middleware sets the correlation id for logging and records the request metrics.
 Operator endpoints live in `ops`, the token insight page in `debug`.
 """
@@ -48,6 +49,7 @@ from proxy.state import (
     Pipeline,
 )
 from proxy.tls import client_context
+from proxy.upstream import Pool
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     settings, bindings, metrics = app[SETTINGS], app[BINDINGS], app[METRICS]
-    connector = aiohttp.TCPConnector(ssl=client_context(), limit=settings.max_connections)
+    tls = client_context()
+    connector = aiohttp.TCPConnector(ssl=tls, limit=settings.max_connections)
     session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -169,6 +172,12 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         margin=settings.token_margin,
         metrics=metrics,
     )
+    pool = Pool(
+        bindings.cpi.url,
+        ssl_context=tls,
+        connect_timeout=settings.connect_timeout,
+        limit=settings.max_connections,
+    )
     csrf = CsrfStore(
         session,
         cache_size=settings.cache_size,
@@ -181,15 +190,15 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         ),
         exchanger=exchanger,
         forwarder=Forwarder(
-            session,
+            pool,
             bindings.cpi.url,
-            connect_timeout=settings.connect_timeout,
             replay_limit=settings.replay_limit,
             csrf=csrf,
             role_scope=bindings.cpi.scope_of,
             metrics=metrics,
         ),
         csrf=csrf,
+        pool=pool,
     )
     warm_up = asyncio.ensure_future(keys.refresh())  # first request need not wait for keys
     warm_up.add_done_callback(_log_warm_up)
@@ -200,6 +209,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError, KeyFetchError):
             await warm_up
         await exchanger.close()
+        await pool.close()
         await session.close()
 
 

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import aiohttp
 from cachetools import TLRUCache
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import CsrfFetchFailed
@@ -37,7 +39,12 @@ class CsrfState:
     until: float
 
 
-def required(response: aiohttp.ClientResponse) -> bool:
+class Answer(Protocol):
+    status: int
+    headers: CIMultiDictProxy[str]
+
+
+def required(response: Answer) -> bool:
     """CPI's way of saying "fetch a CSRF token first"."""
     return response.status == 403 and response.headers.get("X-CSRF-Token", "").lower() == "required"
 

@@ -3,14 +3,15 @@
 Bodies stream both ways, so a 1 GiB upload or download costs a few buffers of memory; only a
 body up to the replay limit (by Content-Length) is held, so that it can be sent a second time
 when CPI refuses a stale CPI token (401) or CSRF token (403 `X-CSRF-Token: Required`).
-Content-Encoding passes through untouched: the session does not decompress, and it adds no
-Accept-Encoding, User-Agent or Content-Type of its own. Cookies never cross the proxy in either
-direction: the session's jar is a DummyCookieJar, so one user's CPI session can never be replayed
-for another.
+Requests go out through `upstream.Pool`, a lean keep-alive client for this one hop.
+Content-Encoding passes through untouched: nothing is decompressed, and no Accept-Encoding,
+User-Agent or Content-Type is added. Cookies never cross the proxy in either direction and the
+pool keeps none, so one user's CPI session can never be replayed for another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import upstream as up
 from proxy.csrf import MODIFYING, CsrfState, CsrfStore
 from proxy.csrf import required as csrf_required
 from proxy.errors import (
@@ -55,6 +57,7 @@ HOP_BY_HOP = frozenset(
 # (cookie), or handled by our own server (expect: 100-continue is answered before the handler).
 _REQUEST_DROP = HOP_BY_HOP | {
     "authorization",
+    "content-length",  # set by the pool from the body it sends
     "cookie",
     "expect",
     "host",
@@ -76,25 +79,28 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def upstream_headers(
     request: web.BaseRequest, *, correlation_id: str, csrf_managed: bool = False
-) -> CIMultiDict[str]:
-    """The client's headers as CPI should see them, less Authorization (set per attempt)."""
+) -> list[tuple[str, str]]:
+    """The client's headers as CPI should see them, less Authorization (set per attempt) and
+    Content-Length (set by the pool)."""
     incoming = request.headers
-    drop = _REQUEST_DROP | _connection_tokens(incoming)
+    drop = _REQUEST_DROP
+    if "Connection" in incoming:
+        drop = drop | _connection_tokens(incoming)
     if csrf_managed:
         drop = drop | {"x-csrf-token"}  # the proxy holds the user's CSRF session, not the client
-    out = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
-    if not request.body_exists:
-        out.popall("Content-Length", None)
-    forwarded_for = ", ".join([*incoming.getall("X-Forwarded-For", []), request.remote or ""])
-    out["X-Forwarded-For"] = forwarded_for.strip(", ")
-    out["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", request.scheme)
-    out["X-Forwarded-Host"] = incoming.get("X-Forwarded-Host", request.host)
-    out["x-correlationid"] = correlation_id
+    out = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+    forwarded_for = ", ".join([*incoming.getall("X-Forwarded-For", ()), request.remote or ""])
+    out.append(("X-Forwarded-For", forwarded_for.strip(", ")))
+    out.append(("X-Forwarded-Proto", incoming.get("X-Forwarded-Proto", request.scheme)))
+    out.append(("X-Forwarded-Host", incoming.get("X-Forwarded-Host", request.host)))
+    out.append(("x-correlationid", correlation_id))
     return out
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str], correlation_id: str) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_tokens(upstream)
+    drop = _RESPONSE_DROP
+    if "Connection" in upstream:
+        drop = drop | _connection_tokens(upstream)
     out = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
     out["x-correlationid"] = correlation_id
     return out
@@ -120,33 +126,20 @@ async def read_body(request: web.Request, limit: int) -> Body:
 class Forwarder:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: up.Pool,
         base_url: str,
         *,
-        connect_timeout: float,
         replay_limit: int,
         csrf: CsrfStore,
         role_scope: Callable[[str], str] = lambda role: role,
         metrics: Metrics | None = None,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._base = base_url.rstrip("/")
         self._role_scope = role_scope
         self._metrics = metrics or Metrics()
-        self._connect_timeout = connect_timeout
         self._replay_limit = replay_limit
         self._csrf = csrf
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        # No total limit: a long stream may run as long as data keeps moving.
-        timeout = self._timeouts.get(route.timeout)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout, sock_read=route.timeout
-            )
-            self._timeouts[route.timeout] = timeout
-        return timeout
 
     async def forward(
         self,
@@ -159,21 +152,20 @@ class Forwarder:
         correlation_id: str,
     ) -> web.StreamResponse:
         """Send, and at most once each: renew a refused CPI token, refetch a CSRF token."""
-        endpoint = URL(f"{self._base}{path}", encoded=True)
-        url = URL(f"{self._base}{path}?{query}", encoded=True) if query else endpoint
+        target = f"{path}?{query}" if query else path
         csrf_on = request.method in MODIFYING and route.csrf is not False
         headers = upstream_headers(request, correlation_id=correlation_id, csrf_managed=csrf_on)
         body = await read_body(request, self._replay_limit)
         token = self._with_role(route, await credentials.get())
         csrf = self._csrf.cached(token) if csrf_on else None
         if csrf_on and csrf is None and route.csrf is True:
-            csrf = await self._csrf.fresh(token, endpoint, correlation_id)
+            csrf = await self._csrf.fresh(token, self._endpoint(path), correlation_id)
         renewed = refetched = False
         while True:
-            upstream = await self._send(request, route, url, headers, body, token, csrf)
-            if upstream.status == 401 and not renewed and credentials.renewable(token):
+            answer = await self._send(request, route, target, headers, body, token, csrf)
+            if answer.status == 401 and not renewed and credentials.renewable(token):
                 renewed = True
-                await _discard(upstream)
+                await _discard(answer)
                 token = self._with_role(route, await credentials.renew(token))
                 csrf = self._csrf.cached(token) if csrf_on else None
                 if body.replayable:
@@ -182,9 +174,10 @@ class Forwarder:
                     "CPI refused the cached CPI token; a new one is in place, but this request's"
                     " body (chunked or over the replay limit) cannot be sent twice: retry it"
                 )
-            if csrf_on and not refetched and csrf_required(upstream):
+            if csrf_on and not refetched and csrf_required(answer):
                 refetched = True
-                await _discard(upstream)
+                await _discard(answer)
+                endpoint = self._endpoint(path)
                 csrf = await self._csrf.fresh(token, endpoint, correlation_id, stale=csrf)
                 if body.replayable:
                     continue
@@ -193,9 +186,12 @@ class Forwarder:
                     " replay limit) cannot be sent twice; a CSRF token is now cached: retry, or"
                     ' set "csrf": true on the route so the token is fetched first'
                 )
-            if upstream.status in (401, 403):
-                raise await _refusal(upstream, route, renewed=renewed)
-            return await self._respond(request, upstream, correlation_id)
+            if answer.status in (401, 403):
+                raise await _refusal(answer, route, renewed=renewed)
+            return await self._respond(request, answer, correlation_id)
+
+    def _endpoint(self, path: str) -> URL:
+        return URL(f"{self._base}{path}", encoded=True)
 
     def _with_role(self, route: Route, token: CpiToken) -> CpiToken:
         """Answer a missing iFlow role here, with its fix, instead of CPI's bare 403."""
@@ -210,18 +206,17 @@ class Forwarder:
         self,
         request: web.Request,
         route: Route,
-        url: URL,
-        headers: CIMultiDict[str],
+        target: str,
+        headers: list[tuple[str, str]],
         body: Body,
         token: CpiToken,
         csrf: CsrfState | None,
-    ) -> aiohttp.ClientResponse:
-        attempt = headers.copy()
-        attempt["Authorization"] = f"Bearer {token.access_token}"
+    ) -> up.Response:
+        attempt = [*headers, ("Authorization", f"Bearer {token.access_token}")]
         if csrf is not None:
-            attempt["X-CSRF-Token"] = csrf.token
+            attempt.append(("X-CSRF-Token", csrf.token))
             if csrf.cookie:
-                attempt["Cookie"] = csrf.cookie
+                attempt.append(("Cookie", csrf.cookie))
         data: bytes | AsyncIterator[bytes] | None
         if isinstance(body.data, aiohttp.StreamReader):
             data = self._counted(body.data)
@@ -230,22 +225,20 @@ class Forwarder:
             self._metrics.bytes_out.inc(len(data or b""))
         started = time.perf_counter()
         try:
-            return await self._session.request(
+            return await self._pool.request(
                 request.method,
-                url,
-                headers=attempt,
-                data=data,
-                timeout=self._timeout(route),
-                allow_redirects=False,
+                target,
+                attempt,
+                data,
+                length=request.content_length,
+                read_timeout=route.timeout,
             )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"CPI did not answer within the route's timeout of {route.timeout:g} s"
             ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"cannot reach the CPI runtime at {url.host} ({exc.__class__.__name__})"
-            ) from None
+        except up.UpstreamError as exc:
+            raise UpstreamUnreachable(f"cannot reach the CPI runtime ({exc})") from None
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.upstream_seconds.labels(route.name).observe(elapsed)
@@ -260,44 +253,44 @@ class Forwarder:
             self._metrics.bytes_out.inc(sent)
 
     async def _respond(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, correlation_id: str
+        self, request: web.Request, answer: up.Response, correlation_id: str
     ) -> web.StreamResponse:
-        headers = downstream_headers(upstream.headers, correlation_id)
-        length = upstream.content_length
+        headers = downstream_headers(answer.headers, correlation_id)
+        length = answer.content_length
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
             # Most iFlow answers are small: one read, then headers and body in one write.
-            async with upstream:
+            async with answer:
                 try:
-                    body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise UpstreamUnreachable(
-                        f"CPI broke off its answer ({exc.__class__.__name__})"
-                    ) from None
+                    body = await answer.read()
+                except (up.UpstreamError, TimeoutError) as exc:
+                    raise UpstreamUnreachable(f"CPI broke off its answer ({exc})") from None
             self._metrics.bytes_in.inc(len(body))
             headers.popall("Content-Length", None)
             return web.Response(
-                body=body, status=upstream.status, reason=upstream.reason, headers=headers
+                body=body, status=answer.status, reason=answer.reason, headers=headers
             )
-        async with upstream:
+        async with answer:
             response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
+                status=answer.status, reason=answer.reason, headers=headers
             )
             try:
                 await response.prepare(request)
             except ConnectionError:  # the client left while CPI was answering
                 log.info("client went away before the response started")
                 return response
-            self._metrics.bytes_in.inc(await _relay(request, upstream, response))
+            self._metrics.bytes_in.inc(await _relay(request, answer, response))
         return response
 
 
-async def _discard(upstream: aiohttp.ClientResponse) -> None:
+async def _discard(answer: up.Response) -> None:
     """Drop a refusal (small by nature) so its connection can serve the retry."""
-    async with upstream:
-        await upstream.read()
+    # On an error the connection is closed rather than pooled; the retry takes another.
+    async with answer:
+        with contextlib.suppress(up.UpstreamError, TimeoutError):
+            await answer.read()
 
 
-async def _refusal(upstream: aiohttp.ClientResponse, route: Route, *, renewed: bool) -> ProxyError:
+async def _refusal(upstream: up.Response, route: Route, *, renewed: bool) -> ProxyError:
     """CPI's final 401/403 as a JSON hint naming the cause; CPI's status and body are kept."""
     async with upstream:
         cpi_body = await _head(upstream, 4096)
@@ -324,33 +317,33 @@ async def _refusal(upstream: aiohttp.ClientResponse, route: Route, *, renewed: b
     )
 
 
-async def _head(upstream: aiohttp.ClientResponse, limit: int) -> str:
+async def _head(answer: up.Response, limit: int) -> str:
     """At most `limit` bytes of a body, as text, for an error report."""
     data = b""
-    while len(data) < limit:
-        chunk = await upstream.content.read(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data.decode("utf-8", "replace")
+    try:
+        async for chunk in answer.iter_any():
+            data += chunk
+            if len(data) >= limit:
+                break
+    except (up.UpstreamError, TimeoutError):
+        pass  # what arrived is enough for a hint
+    return data[:limit].decode("utf-8", "replace")
 
 
-async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-) -> int:
+async def _relay(request: web.Request, answer: up.Response, response: web.StreamResponse) -> int:
     """Copy the body; if either side breaks, cut the client's connection rather than end the
     response cleanly, so a truncated body never looks complete. Returns the bytes copied."""
     copied = 0
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in answer.iter_any():
             copied += len(chunk)
             try:
                 await response.write(chunk)
             except ConnectionError:  # "Connection lost", "Cannot write to closing transport"
                 log.info("client went away during the response")
                 return copied
-    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-        log.warning("CPI broke off the response body (%s)", exc.__class__.__name__)
+    except (up.UpstreamError, TimeoutError, ConnectionError) as exc:
+        log.warning("CPI broke off the response body (%s)", exc)
         if request.transport is not None:
             request.transport.close()
     return copied

@@ -15,6 +15,7 @@ from proxy.keys import KeyStore
 from proxy.metrics import Metrics
 from proxy.reload import RouteState
 from proxy.settings import Settings
+from proxy.upstream import Pool
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Pipeline:
     exchanger: TokenExchanger
     forwarder: Forwarder
     csrf: CsrfStore
+    pool: Pool  # connections to CPI
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -217,11 +217,10 @@ async def test_faults_leave_no_connections_or_tasks_behind(
     xsuaa.token_fault = "reset"
     async with proxy.get("/cpi/echo", headers=bearer(xsuaa.mint_user_token("other"))) as resp:
         assert resp.status == 503
-    connector = proxy.app[PIPELINE].forwarder._session.connector
-    assert connector is not None
+    pool = proxy.app[PIPELINE].pool
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) <= baseline
-    assert sum(len(c) for c in connector._acquired_per_host.values()) == 0
+    assert pool.open_connections == pool.idle_connections  # none left busy
 
 
 @pytest.mark.parametrize(
