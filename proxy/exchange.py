@@ -7,6 +7,13 @@ share one in-flight exchange (`SingleFlight`): failures are not cached, and one 
 client does not cancel the others. When CPI refuses a cached token, `renew_*` replaces it with
 one exchange however many requests saw the refusal. The technical-user (client-credentials)
 token is refreshed in the background before it expires, so no request waits for it.
+
+Minting a token is safe to repeat, so a token request that failed in a way that may pass (XSUAA
+unreachable, or the connection lost before an answer; XSUAA's 502/503/504 without a
+Retry-After) is sent once more after a random 50-250 ms, within what is left of the exchange
+timeout. A refusal (4xx, incl. 429), an answer with Retry-After (passed on to the caller),
+garbage, a TLS verdict, or a timeout is final. The retry runs inside the shared
+flight, so concurrent callers cause one retry, never one each.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -86,6 +94,25 @@ _TOKEN_REQUEST_HEADERS = {
     "Content-Type": "application/x-www-form-urlencoded",
 }
 
+_RETRIED_STATUSES = frozenset({502, 503, 504})  # a gateway or XSUAA itself briefly unwell
+RETRY_PAUSE = (0.05, 0.25)  # seconds, uniformly random: retries of many flights do not align
+RETRY_MIN_TIME = 0.5  # seconds the retry must still have after its pause, else it is skipped
+
+
+def retry_pause(rng: random.Random, remaining: float) -> float | None:
+    """The random pause before the one retry, or None when the exchange timeout has too little
+    left (`remaining` seconds) for a retry that could still answer in time."""
+    pause = rng.uniform(*RETRY_PAUSE)
+    return pause if remaining - pause >= RETRY_MIN_TIME else None
+
+
+class _Transient(Exception):
+    """A token request failed in a way the same request may not fail again."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.description)
+        self.error = error
+
 
 class TokenExchanger:
     def __init__(
@@ -98,12 +125,13 @@ class TokenExchanger:
         margin: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._session = session
         self._binding = binding
         self._metrics = metrics or Metrics()
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._timeout_s = timeout
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._margin = margin
         self.now = clock
         self._cache: _TokenCache = _TokenCache(
@@ -240,7 +268,7 @@ class TokenExchanger:
         started = time.perf_counter()
         outcome = "success"
         try:
-            return await self._post(form, user_left)
+            return await self._attempts(form, user_left, grant)
         except ProxyError as exc:
             outcome = exc.error
             raise
@@ -248,12 +276,34 @@ class TokenExchanger:
             self._metrics.exchanges.labels(grant, outcome).inc()
             self._metrics.exchange_seconds.labels(grant).observe(time.perf_counter() - started)
 
-    async def _post(self, form: dict[str, str], user_left: float | None) -> CpiToken:
+    async def _attempts(
+        self, form: dict[str, str], user_left: float | None, grant: str
+    ) -> CpiToken:
+        """One token request, and one retry if the first failed transiently; both within the
+        exchange timeout, so the caller's clear 5xx still comes in time."""
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            return await self._post(form, user_left, self._timeout_s)
+        except _Transient as failed:
+            first = failed.error
+        pause = retry_pause(self._rng, deadline - time.monotonic())
+        if pause is None:
+            raise first
+        log.info("token request (%s) failed, retrying once in %.0f ms", grant, pause * 1000)
+        self._metrics.exchange_retries.labels(grant).inc()
+        await asyncio.sleep(pause)
+        try:
+            return await self._post(form, user_left, deadline - time.monotonic())
+        except _Transient as failed:
+            raise failed.error from None
+
+    async def _post(self, form: dict[str, str], user_left: float | None, budget: float) -> CpiToken:
         url = self._binding.tokenurl
         host = urlsplit(url).netloc
+        timeout = aiohttp.ClientTimeout(total=budget)
         try:
             async with self._session.post(
-                url, data=form, timeout=self._timeout, headers=self._headers, ssl=self._ssl
+                url, data=form, timeout=timeout, headers=self._headers, ssl=self._ssl
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After", "")
@@ -264,15 +314,22 @@ class TokenExchanger:
             ) from None
         except aiohttp.ClientError as exc:
             log.debug("token request failed: %r", exc)
+            failure: ProxyError
             if self._binding.x509 and _tls_refused(exc):
-                raise TokenExchangeFailed(
+                failure = TokenExchangeFailed(
                     f"XSUAA's certificate endpoint {host} refused the TLS handshake"
                     f" ({exc.__class__.__name__}): check the it-rt binding's certificate and key"
                     " (expired, or not issued for this binding)"
-                ) from None
-            raise ExchangeUnavailable(
-                f"cannot reach XSUAA at {host} ({exc.__class__.__name__}); retry later"
-            ) from None
+                )
+            else:
+                failure = ExchangeUnavailable(
+                    f"cannot reach XSUAA at {host} ({exc.__class__.__name__}); retry later"
+                )
+            # A TLS verdict repeats itself; a refused, reset or dropped connection may not
+            # (with x509, a refused certificate also shows as a reset: it fails twice).
+            if isinstance(exc, aiohttp.ClientSSLError):
+                raise failure from None
+            raise _Transient(failure) from None
         grant = form["grant_type"].rsplit(":", 1)[-1]
         if status == 200:
             return self._parse(body, user_left)
@@ -284,7 +341,10 @@ class TokenExchanger:
         if status >= 500 or status == 429:
             # XSUAA's own pacing reaches the caller; a number only, never a reflected string.
             pacing = {"Retry-After": retry_after} if retry_after.isdigit() else None
-            raise ExchangeUnavailable(f"{said}; retry later", headers=pacing)
+            unavailable = ExchangeUnavailable(f"{said}; retry later", headers=pacing)
+            if status in _RETRIED_STATUSES and not retry_after:  # else XSUAA set the pace
+                raise _Transient(unavailable)
+            raise unavailable
         if form.get("assertion") and error in _ASSERTION_REFUSED:
             # The user's token, not our setup, is at fault: the caller must get a new one.
             raise InvalidToken(f"XSUAA refused the user token for the exchange: {said}")

@@ -103,8 +103,14 @@ class Metrics:
         )
         self.exchanges = Counter(
             "cpi_proxy_token_exchanges",
-            "Token requests to XSUAA by grant and outcome (success or the error code).",
+            "Token exchanges with XSUAA by grant and outcome (success or the error code).",
             ["grant", "outcome"],
+            registry=r,
+        )
+        self.exchange_retries = Counter(
+            "cpi_proxy_token_exchange_retries",
+            "Token requests sent a second time after a transient failure (at most one each).",
+            ["grant"],
             registry=r,
         )
         self.cache_evictions = Counter(

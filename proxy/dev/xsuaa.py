@@ -212,9 +212,12 @@ class EmulatedXsuaa:
         self._keys: dict[str, _Key] = {"key-1": _Key(cached_rsa_key("key-1"))}
         self._signing_kid = "key-1"
 
-        self.token_requests: collections.Counter[str] = collections.Counter()
+        self.token_requests: collections.Counter[str] = collections.Counter()  # authenticated
+        self.token_posts = 0  # every request at a token endpoint, authenticated or not
         self.key_fetches = 0
         self.token_fault: Fault | None = None
+        # Faults for the next token requests, one each, ahead of token_fault: a blip, not an outage.
+        self.token_faults: collections.deque[Fault] = collections.deque()
         self.keys_fault: Fault | None = None
         self.token_gate: asyncio.Event | None = None
         self.gated = Parking()
@@ -507,12 +510,14 @@ class EmulatedXsuaa:
     ) -> web.StreamResponse:
         """The token endpoint once the client is (or failed to be) authenticated."""
         grant = form.get("grant_type", "")
+        self.token_posts += 1
         if isinstance(client, OAuthClient):
             self.token_requests[grant] += 1
         if self.token_gate is not None:
             await self.gated.hold(self.token_gate)
-        if self.token_fault is not None:
-            return await answer_fault(self.token_fault, request, self.hangs)
+        fault = self.token_faults.popleft() if self.token_faults else self.token_fault
+        if fault is not None:
+            return await answer_fault(fault, request, self.hangs)
         try:
             if isinstance(client, OAuthError):
                 raise client
