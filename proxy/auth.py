@@ -18,11 +18,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-from cachetools import TLRUCache
 
 from proxy.bindings import XsuaaBinding
 from proxy.errors import InsufficientScope, InvalidToken, Unauthorized
 from proxy.keys import RSA_ALGORITHMS, KeyStore
+from proxy.lru import ExpiringLRU
 
 MAX_TOKEN_BYTES = 16 * 1024  # real XSUAA tokens are 1-4 KiB; bigger ones are refused unread
 
@@ -128,11 +128,11 @@ class TokenValidator:
         self._binding = binding
         self._keys = keys
         self._leeway = leeway
-        self._cache: TLRUCache[bytes, Claims] = TLRUCache(
-            maxsize=cache_size, ttu=self._valid_until, timer=time.time
+        self._cache: ExpiringLRU[bytes, Claims] = ExpiringLRU(
+            cache_size, deadline=self._valid_until, clock=time.time
         )
 
-    def _valid_until(self, _key: bytes, claims: Claims, _now: float) -> float:
+    def _valid_until(self, claims: Claims) -> float:
         return claims.expires_at + self._leeway
 
     async def validate(self, token: str) -> Claims:

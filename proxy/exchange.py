@@ -46,6 +46,7 @@ from proxy.errors import (
     ProxyError,
     TokenExchangeFailed,
 )
+from proxy.lru import ExpiringLRU
 from proxy.metrics import Metrics
 from proxy.singleflight import SingleFlight, replace_stale
 from proxy.tls import mtls_context
@@ -134,10 +135,12 @@ class TokenExchanger:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._margin = margin
         self.now = clock
-        self._cache: _TokenCache = _TokenCache(
-            maxsize=cache_size, ttu=lambda _k, token, _now: token.cache_until, timer=clock
+        self._cache: ExpiringLRU[bytes, CpiToken] = ExpiringLRU(
+            cache_size,
+            deadline=lambda token: token.cache_until,
+            clock=clock,
+            on_evict=self._metrics.cache_evictions.inc,
         )
-        self._cache.on_evict = self._metrics.cache_evictions.inc
         self._metrics.track_cache_size(lambda: len(self._cache))
         self._flights: SingleFlight[bytes, CpiToken] = SingleFlight()
         self._refused: TLRUCache[bytes, float] = TLRUCache(
@@ -165,8 +168,11 @@ class TokenExchanger:
     def waiting(self) -> int:
         return self._flights.waiting
 
-    def _user_key(self, claims: Claims) -> bytes:
-        return hashlib.sha256(claims.token_hash + b"\0" + self._client_id).digest()
+    @staticmethod
+    def _user_key(claims: Claims) -> bytes:
+        # The user token's hash: the cache belongs to this one CPI client, and the
+        # client-credentials key below is a hash of another kind of input.
+        return claims.token_hash
 
     async def for_user(self, claims: Claims, user_token: str) -> CpiToken:
         """The CPI token carrying this user, from the cache or one shared exchange."""
@@ -396,16 +402,6 @@ class CpiCredentials:
         if self.claims is None:
             return await self.exchanger.renew_client(stale)
         return await self.exchanger.renew_user(self.claims, self.user_token, stale)
-
-
-class _TokenCache(TLRUCache[bytes, CpiToken]):
-    """A TLRU that reports entries pushed out by size (expiry is not an eviction)."""
-
-    on_evict: Callable[[], None] = staticmethod(lambda: None)
-
-    def popitem(self) -> tuple[bytes, CpiToken]:
-        self.on_evict()
-        return super().popitem()
 
 
 def _scopes(data: dict[str, Any], access_token: str) -> frozenset[str]:

@@ -87,8 +87,21 @@ class Response:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        chunks = [chunk async for chunk in self.iter_any()]
-        return b"".join(chunks)
+        """The whole body (for small answers: usually already here, so no wait at all)."""
+        parts: list[bytes] = []
+        while True:
+            if self._chunks:
+                parts += self._chunks
+                self._chunks.clear()
+                self._buffered = 0
+                if self._conn is not None:
+                    self._conn.resume()
+            elif self._exc is not None:
+                raise self._exc
+            elif self._done:
+                return b"".join(parts)
+            else:
+                await self._wait()
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises UpstreamError or TimeoutError if CPI breaks off."""
@@ -104,11 +117,14 @@ class Response:
             elif self._done:
                 return
             else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._wait()
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def close(self) -> None:
         """Give up on the rest of the body: the connection cannot be reused."""
@@ -247,9 +263,11 @@ class _Connection(asyncio.Protocol):
             self._complete()
 
     # --- request side ------------------------------------------------------------------------
-    async def send(
+    def send(
         self, method: str, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool
-    ) -> Response:
+    ) -> asyncio.Future[Response]:
+        """Write the request; the future resolves with the answer's head. A plain function,
+        not a coroutine: one level less for every resumption of the request's task."""
         self._method = method
         self._got_bytes = False
         head_future: asyncio.Future[Response] = self._loop.create_future()
@@ -265,17 +283,16 @@ class _Connection(asyncio.Protocol):
                 self._sender = asyncio.ensure_future(self._stream(body, chunked))
                 self._sender.add_done_callback(self._sent)
         self._arm()
-        try:
-            return await head_future
-        except asyncio.CancelledError:
-            # Our caller gave up. Mid-request, the connection cannot be reused. If the answer
-            # had already arrived (the task was cancelled before it resumed), the connection
-            # may be back in the pool serving someone else: only an unfinished body is ours.
-            if head_future.cancelled():
-                self.abort()
-            elif head_future.exception() is None:
-                head_future.result().close()
-            raise
+        return head_future
+
+    def abandon(self, head_future: asyncio.Future[Response]) -> None:
+        """Our caller gave up. Mid-request, the connection cannot be reused. If the answer had
+        already arrived (the task was cancelled before it resumed), the connection may be back
+        in the pool serving someone else: only an unfinished body is still ours to drop."""
+        if head_future.cancelled():
+            self.abort()
+        elif head_future.exception() is None:
+            head_future.result().close()
 
     async def _stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         assert self.transport is not None
@@ -439,16 +456,21 @@ class Pool:
         head = text.encode("utf-8", "surrogateescape")
         retry = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
         while True:
-            conn = await self._acquire()
+            conn = self._take_idle() or await self._acquire()
             conn._timeout = read_timeout
+            answer = conn.send(method, head, body, chunked)
             try:
-                return await conn.send(method, head, body, chunked)
+                return await answer
+            except asyncio.CancelledError:
+                conn.abandon(answer)
+                raise
             except ConnectionClosed:
                 if not (retry and conn.reused and not conn.answered):
                     raise
                 retry = False  # a pooled connection CPI had closed: once more on a fresh one
 
-    async def _acquire(self) -> _Connection:
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used live connection, if any (LIFO keeps TLS sessions warm)."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -456,6 +478,10 @@ class Pool:
                 conn.reused = True
                 return conn
             conn.abort()
+        return None
+
+    async def _acquire(self) -> _Connection:
+        """A new connection, once the pool is under its limit."""
         while self._limit and len(self._open) >= self._limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -464,8 +490,9 @@ class Pool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            if self._idle:
-                return await self._acquire()
+            idle = self._take_idle()
+            if idle is not None:
+                return idle
         return await self._connect()
 
     async def _connect(self) -> _Connection:
