@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy import upstream as up
@@ -67,6 +67,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "x-correlationid"}
+_RESPONSE_DROP_WITH_LENGTH = _RESPONSE_DROP | {"content-length"}
 SMALL_BODY = 64 * 1024  # answers up to this size (by Content-Length) are sent in one write
 
 
@@ -97,12 +98,16 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str], correlation_id: str) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP
+def downstream_headers(
+    upstream: CIMultiDictProxy[str], correlation_id: str, *, framing: bool = True
+) -> list[tuple[str, str]]:
+    """CPI's headers as the client should see them; `framing=False` also drops
+    Content-Length, for answers whose body aiohttp sends (and measures) itself."""
+    drop = _RESPONSE_DROP if framing else _RESPONSE_DROP_WITH_LENGTH
     if "Connection" in upstream:
         drop = drop | _connection_tokens(upstream)
-    out = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
-    out["x-correlationid"] = correlation_id
+    out = [(k, v) for k, v in upstream.items() if k.lower() not in drop]
+    out.append(("x-correlationid", correlation_id))
     return out
 
 
@@ -255,7 +260,6 @@ class Forwarder:
     async def _respond(
         self, request: web.Request, answer: up.Response, correlation_id: str
     ) -> web.StreamResponse:
-        headers = downstream_headers(answer.headers, correlation_id)
         length = answer.content_length
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
             # Most iFlow answers are small: one read, then headers and body in one write.
@@ -265,13 +269,15 @@ class Forwarder:
                 except (up.UpstreamError, TimeoutError) as exc:
                     raise UpstreamUnreachable(f"CPI broke off its answer ({exc})") from None
             self._metrics.bytes_in.inc(len(body))
-            headers.popall("Content-Length", None)
+            headers = downstream_headers(answer.headers, correlation_id, framing=False)
             return web.Response(
                 body=body, status=answer.status, reason=answer.reason, headers=headers
             )
         async with answer:
             response = web.StreamResponse(
-                status=answer.status, reason=answer.reason, headers=headers
+                status=answer.status,
+                reason=answer.reason,
+                headers=downstream_headers(answer.headers, correlation_id),
             )
             try:
                 await response.prepare(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import resource
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.app import create_app
+from proxy.app import create_app, new_correlation_id
 from proxy.bindings import load_bindings
 from proxy.dev import GZIP_BODY, EmulatedXsuaa
 from proxy.forward import downstream_headers
@@ -104,7 +105,7 @@ def test_hop_by_hop_and_set_cookie_are_dropped_from_responses() -> None:
             ]
         )
     )
-    assert list(downstream_headers(upstream, "cid").items()) == [
+    assert downstream_headers(upstream, "cid") == [
         ("Content-Type", "text/plain"),
         ("Content-Encoding", "gzip"),
         ("x-correlationid", "cid"),
@@ -353,3 +354,20 @@ async def test_client_dropping_a_slow_download_is_no_server_error(
             metrics = await resp.text()
     assert 'status_class="5xx"' not in metrics
     assert "unexpected error" not in caplog.text
+
+
+def test_generated_correlation_ids_are_distinct_uuid4s_also_across_forked_workers() -> None:
+    first, second = new_correlation_id(), new_correlation_id()
+    assert first != second
+    assert {uuid.UUID(first).version, uuid.UUID(second).version} == {4}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker, as `serve --workers` forks them
+        os.write(write, new_correlation_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert uuid.UUID(child).version == 4
+    assert child.rsplit("-", 1)[0] != first.rsplit("-", 1)[0]  # its own random part
