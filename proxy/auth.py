@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,7 +41,7 @@ class Claims:
     expires_at: float  # epoch seconds
     origin: str = ""  # the user's identity provider (sap.default, ldap, ...)
 
-    @property
+    @cached_property  # once per validated token, not per request
     def anonymous_id(self) -> str:
         """Stable per user, meaningless outside: for request logs (SAP logs no user names)."""
         return hashlib.sha256(f"{self.zone_id}\0{self.subject}".encode()).hexdigest()[:16]

@@ -34,11 +34,14 @@ def _decode_dots_and_slashes(path: str) -> str:
     return _ESCAPE.sub(swap, path)
 
 
+_UNSAFE = re.compile(r"[^\x21-\x7e]|[\\#]")  # controls, space, non-ASCII, backslash, #
+
+
 def normalise(path: str) -> str:
     """Decode %2e/%2f, resolve dot segments; raise BadRequest for anything ambiguous."""
     if not path.startswith("/"):
         raise BadRequest("the request path must start with /")
-    if any(not ("\x21" <= c <= "\x7e") for c in path) or "\\" in path or "#" in path:
+    if _UNSAFE.search(path):
         raise BadRequest(
             "the path contains a control, non-ASCII, backslash or # character; percent-encode it"
         )

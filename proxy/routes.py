@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,15 @@ class Route:
     cpi_role: str | None = None  # e.g. "cpitex.Read": checked in the CPI token before calling
 
     def target_for(self, match: re.Match[str]) -> str:
-        return _GROUP_REF.sub(lambda m: match.group(int(m.group(1))) or "", self.target)
+        return "".join(
+            part if isinstance(part, str) else match.group(part) or "" for part in self._template
+        )
+
+    @cached_property
+    def _template(self) -> tuple[str | int, ...]:
+        """The target split once into literals and group numbers: "/http/$1" -> ("/http/", 1)."""
+        parts = _GROUP_REF.split(self.target)
+        return tuple(p if i % 2 == 0 else int(p) for i, p in enumerate(parts) if p)
 
 
 @dataclass(frozen=True)
