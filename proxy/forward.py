@@ -124,7 +124,10 @@ async def read_body(request: web.Request, limit: int) -> Body:
         return Body(None, replayable=True)
     length = request.content_length
     if length is not None and length <= limit:
-        return Body(await request.content.read(), replayable=True)
+        content = request.content
+        if content.is_eof():  # a small body usually came with the head: no wait, no loop
+            return Body(content.read_nowait(), replayable=True)
+        return Body(await content.read(), replayable=True)
     return Body(request.content, replayable=False)  # chunked, or too large to hold
 
 
