@@ -121,6 +121,21 @@ class Metrics:
         self.cache_size = Gauge(
             "cpi_proxy_token_cache_size", "CPI tokens currently cached.", registry=r
         )
+        self.client_connections = Gauge(
+            "cpi_proxy_client_connections",
+            "Client connections open in this process (serve only).",
+            registry=r,
+        )
+        self.clients_refused = Counter(
+            "cpi_proxy_client_connections_refused",
+            "Client connections answered 503 because CPI_PROXY_MAX_CLIENTS were open.",
+            registry=r,
+        )
+        self.head_timeouts = Counter(
+            "cpi_proxy_request_head_timeouts",
+            "Connections closed because a request head took over CPI_PROXY_HEADER_TIMEOUT.",
+            registry=r,
+        )
         self.key_fetches = Counter(
             "cpi_proxy_key_fetches",
             "Fetches of XSUAA's verification keys by outcome.",
@@ -145,6 +160,9 @@ class Metrics:
 
     def track_cache_size(self, size: Callable[[], int]) -> None:
         self.cache_size.set_function(lambda: float(size()))
+
+    def track_clients(self, count: Callable[[], int]) -> None:
+        self.client_connections.set_function(lambda: float(count()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,10 @@
 Each worker is a full proxy with its own caches, so a user token may be exchanged once per
 worker (up to N times); the kernel spreads connections across workers. uvloop is used when
 installed (`pip install 'cpi-proxy[fast]'`), unless CPI_PROXY_LOOP says otherwise.
+
+`start` serves an app as `web.run_app` would (same keep-alive timeout, access log, handlers not
+cancelled when a client leaves), but listens through `limits.LimitedSite`: a deadline for each
+request head and a cap on client connections, per process. Tests serve through it too.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.bindings import Bindings
 from proxy.errors import ConfigError
+from proxy.limits import LimitedSite, fd_budget
 from proxy.ops import AccessLogger
 from proxy.routes import RouteTable
 from proxy.settings import Settings
+from proxy.state import METRICS
 
 log = logging.getLogger(__name__)
+KEEPALIVE_TIMEOUT = 75.0  # web.run_app's: idle keep-alive connections close after this
 
 
 def new_loop(choice: str) -> asyncio.AbstractEventLoop:
@@ -42,23 +49,55 @@ def new_loop(choice: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+async def start(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False
+) -> tuple[web.AppRunner, LimitedSite]:
+    """Serve `app` on settings.host:port; the caller stops it with `runner.cleanup()`, which
+    stops accepting and gives requests in flight `shutdown_grace` seconds."""
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        shutdown_timeout=settings.shutdown_grace,
+    )
+    await runner.setup()
+    site = LimitedSite(
+        runner,
+        settings.host,
+        settings.port,
+        header_timeout=settings.header_timeout,
+        max_clients=settings.max_clients,
+        metrics=app[METRICS],
+        reuse_port=reuse_port,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site
+
+
+async def _serve_until_stopped(app: web.Application, settings: Settings, reuse_port: bool) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    runner, site = await start(app, settings, reuse_port=reuse_port)
+    try:
+        log.info("Running on %s (pid %d, %s loop)", site.name, os.getpid(), type(loop).__module__)
+        await stopping.wait()
+    finally:
+        await runner.cleanup()  # SIGTERM: in-flight requests may finish
+
+
 def serve_one(
     settings: Settings, bindings: Bindings, routes: RouteTable, *, reuse_port: bool
 ) -> None:
-    loop = new_loop(settings.loop)
+    fd_budget(settings.max_clients, settings.max_connections)
     app = create_app(settings, bindings, routes, routes_file=settings.routes_file, live_reload=True)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port or None,
-        loop=loop,
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_grace,  # SIGTERM: in-flight requests may finish
-        print=lambda line: log.info(
-            "%s (pid %d, %s loop)", line, os.getpid(), type(loop).__module__
-        ),
-    )
+    with asyncio.Runner(loop_factory=lambda: new_loop(settings.loop)) as runner:
+        runner.run(_serve_until_stopped(app, settings, reuse_port))
 
 
 def serve(settings: Settings, bindings: Bindings, routes: RouteTable) -> int:

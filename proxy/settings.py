@@ -35,6 +35,8 @@ class Settings:
     reload_interval: float = 5.0  # seconds between route-file checks; 0: only on SIGHUP
     metrics_port: int = 0  # 0: /metrics on the main port
     shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
+    header_timeout: float = 10.0  # seconds a client has to send a request head (slowloris)
+    max_clients: int = 1000  # client connections per process; more are answered 503
     debug: bool = False  # /_debug/tokens
     debug_scope: str | None = None  # required for /_debug/tokens when set ($XSAPPNAME expands)
     loop: str = "auto"  # auto: uvloop when installed
@@ -106,6 +108,10 @@ def load(environ: Mapping[str, str]) -> Settings:
         shutdown_grace=_number(
             environ, "CPI_PROXY_SHUTDOWN_GRACE", d.shutdown_grace, integer=False, zero=True
         ),
+        header_timeout=_number(
+            environ, "CPI_PROXY_HEADER_TIMEOUT", d.header_timeout, integer=False
+        ),
+        max_clients=int(_number(environ, "CPI_PROXY_MAX_CLIENTS", d.max_clients, integer=True)),
         debug=_flag(environ, "CPI_PROXY_DEBUG"),
         debug_scope=environ.get("CPI_PROXY_DEBUG_SCOPE") or None,
         loop=_choice(environ, "CPI_PROXY_LOOP", ("auto", "asyncio", "uvloop")),

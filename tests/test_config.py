@@ -70,6 +70,12 @@ def test_settings_from_environment() -> None:
     )
 
 
+def test_client_limits_from_environment() -> None:
+    settings = load({"CPI_PROXY_HEADER_TIMEOUT": "2.5", "CPI_PROXY_MAX_CLIENTS": "50"})
+    assert (settings.header_timeout, settings.max_clients) == (2.5, 50)
+    assert (Settings().header_timeout, Settings().max_clients) == (10.0, 1000)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -79,6 +85,11 @@ def test_settings_from_environment() -> None:
         ("CPI_PROXY_EXCHANGE_TIMEOUT", "soon", "CPI_PROXY_EXCHANGE_TIMEOUT='soon' is not a number"),
         ("CPI_PROXY_LOOP", "trio", "CPI_PROXY_LOOP='trio' is not one of auto, asyncio, uvloop"),
         ("CPI_PROXY_DEBUG", "maybe", "CPI_PROXY_DEBUG='maybe' is not a switch"),
+        ("CPI_PROXY_HEADER_TIMEOUT", "0", "CPI_PROXY_HEADER_TIMEOUT='0' must be greater than 0"),
+        ("CPI_PROXY_HEADER_TIMEOUT", "-1", "CPI_PROXY_HEADER_TIMEOUT='-1' must be greater than 0"),
+        ("CPI_PROXY_HEADER_TIMEOUT", "10s", "CPI_PROXY_HEADER_TIMEOUT='10s' is not a number"),
+        ("CPI_PROXY_MAX_CLIENTS", "0", "CPI_PROXY_MAX_CLIENTS='0' must be greater than 0"),
+        ("CPI_PROXY_MAX_CLIENTS", "1e3", "CPI_PROXY_MAX_CLIENTS='1e3' is not a whole number"),
     ],
 )
 def test_bad_settings_name_the_variable(key: str, value: str, message: str) -> None:

@@ -1,0 +1,363 @@
+"""Client limits under `serve`: a deadline for request heads (slowloris), a cap on connections,
+and the header size cap. Raw sockets on loopback against the proxy served as `serve` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.app import create_app
+from proxy.bindings import load_bindings
+from proxy.dev import EmulatedXsuaa
+from proxy.limits import FD_RESERVE, LINGERING_REFUSALS, LimitedSite, fd_budget
+from proxy.metrics import Metrics
+from proxy.routes import parse_routes
+from proxy.serve import start
+from proxy.settings import Settings
+from proxy.state import METRICS
+from tests.conftest import ROUTES, Iflow, until
+from tests.test_ops import metric
+from tests.test_shutdown import serve, wait_until_serving
+
+HEADER_TIMEOUT = 0.3
+GENEROUS = 5.0  # a bound for "promptly" that a loaded machine still meets; never waited out
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@dataclass
+class Served:
+    port: int
+    site: LimitedSite | None = None
+    app_metrics: Metrics | None = None
+
+    @property
+    def open(self) -> int:
+        assert self.site is not None and self.site.clients is not None
+        return self.site.clients.open
+
+    def metrics(self) -> str:
+        assert self.app_metrics is not None
+        return self.app_metrics.render().decode()
+
+
+Serve = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve_proxy(xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path) -> AsyncIterator[Serve]:
+    """The proxy served by `proxy.serve.start`, as `cpi-proxy serve` serves it."""
+    runners = []
+
+    async def make(**overrides: Any) -> Served:
+        settings = Settings(
+            **{"host": "127.0.0.1", "port": 0, "header_timeout": HEADER_TIMEOUT, **overrides}
+        )
+        vcap = xsuaa.vcap_services(iflow.url)
+        bindings = load_bindings({"VCAP_SERVICES": json.dumps(vcap)})
+        app = create_app(settings, bindings, parse_routes(ROUTES))
+        runner, site = await start(app, settings)
+        runners.append(runner)
+        return Served(site.port, site, app[METRICS])
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+Connect = Callable[[Served], Awaitable["Conn"]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Raw client connections, all closed at the end."""
+    conns: list[Conn] = []
+
+    async def open_one(served: Served) -> Conn:
+        conns.append(Conn(*await asyncio.open_connection("127.0.0.1", served.port)))
+        return conns[-1]
+
+    yield open_one
+    for conn in conns:
+        conn.close()
+        with contextlib.suppress(ConnectionError):
+            await conn.writer.wait_closed()
+
+
+class Conn:
+    """A raw client connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self) -> tuple[int, dict[str, str], bytes]:
+        """One response with a Content-Length body (all the proxy's own answers have one)."""
+        async with asyncio.timeout(GENEROUS):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines if line)
+            headers = {k.lower(): v for k, v in headers.items()}
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    async def until_closed(self) -> bytes:
+        """Everything the proxy sends until it closes (a reset counts as closed)."""
+        received = b""
+        async with asyncio.timeout(GENEROUS):
+            try:
+                while chunk := await self.reader.read(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        return received
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def dribble(conn: Conn, data: bytes, every: float) -> None:
+    """Send `data` a byte at a time until it is all sent or the proxy hangs up."""
+    try:
+        for i in range(len(data)):
+            await conn.send(data[i : i + 1])
+            await asyncio.sleep(every)
+    except ConnectionError:
+        pass
+
+
+def parse(answer: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+# --- the head deadline ---------------------------------------------------------------------
+
+
+async def test_a_client_dribbling_its_head_is_cut_after_the_header_timeout(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    started = time.monotonic()
+    sender = asyncio.ensure_future(dribble(conn, HEALTHZ[:-2] + b"X-Slow: 1\r\n" * 100, 0.02))
+    received = await conn.until_closed()
+    elapsed = time.monotonic() - started
+    await sender
+    assert HEADER_TIMEOUT <= elapsed < HEADER_TIMEOUT + GENEROUS
+    assert received == b"" or received.startswith(b"HTTP/1.1 408 ")  # a reset may eat it
+    assert metric(served.metrics(), "cpi_proxy_request_head_timeouts_total") == 1
+    await until(lambda: served.open == 0)
+
+
+async def test_a_head_that_stops_halfway_gets_a_408_json_answer(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    started = time.monotonic()
+    await conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+    received = await conn.until_closed()
+    elapsed = time.monotonic() - started
+    status, headers, body = parse(received)
+    assert (status, headers["connection"], body) == (
+        408,
+        "close",
+        {
+            "error": "request_timeout",
+            "error_description": "the request head did not arrive within 0.3 s",
+        },
+    )
+    assert HEADER_TIMEOUT <= elapsed < HEADER_TIMEOUT + GENEROUS
+
+
+async def test_a_slow_body_is_not_cut_by_the_header_timeout(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    body = b"0123456789"
+    token = xsuaa.mint_user_token().encode()
+    await conn.send(
+        b"POST /cpi/echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n" % (len(body), token)
+    )
+    await dribble(conn, body, HEADER_TIMEOUT / 3)  # 10 bytes over ~1 s, 3+ header timeouts
+    status, _, echoed = await conn.answer()
+    assert (status, echoed) == (200, body)
+    await conn.send(HEALTHZ)  # and the connection lives on
+    assert (await conn.answer())[0] == 200
+    conn.close()
+
+
+async def test_each_request_on_a_keep_alive_connection_gets_its_own_header_window(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    await conn.send(HEALTHZ)
+    assert (await conn.answer())[0] == 200
+    await asyncio.sleep(HEADER_TIMEOUT * 2)  # idle between requests: not the head's time
+    for _ in range(2):  # each head in two halves, together within their own window
+        await conn.send(HEALTHZ[:10])
+        await asyncio.sleep(HEADER_TIMEOUT / 2)
+        await conn.send(HEALTHZ[10:])
+        assert (await conn.answer())[0] == 200
+    started = time.monotonic()
+    await conn.send(HEALTHZ[:10])  # a third head never completes: its own window ends it
+    assert (await conn.until_closed()).startswith(b"HTTP/1.1 408 ")
+    assert HEADER_TIMEOUT <= time.monotonic() - started < HEADER_TIMEOUT + GENEROUS
+
+
+async def test_pipelined_requests_are_all_answered(serve_proxy: Serve, connect: Connect) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    await conn.send(HEALTHZ * 3)
+    assert [(await conn.answer())[0] for _ in range(3)] == [200, 200, 200]
+    conn.close()
+
+
+# --- the connection cap -------------------------------------------------------------------
+
+
+async def test_connections_beyond_the_cap_are_refused_and_a_freed_slot_is_reused(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy(max_clients=3)
+    held = [await connect(served) for _ in range(3)]
+    for conn in held:  # answered, so surely accepted and counted
+        await conn.send(HEALTHZ)
+        assert (await conn.answer())[0] == 200
+    assert served.open == 3
+
+    asking, silent = await connect(served), await connect(served)
+    started = time.monotonic()
+    await asking.send(HEALTHZ)
+    refusals = [parse(await c.until_closed()) for c in (asking, silent)]
+    assert time.monotonic() - started < 1.0  # at once: no waiting for a slot, no linger
+    for status, headers, body in refusals:
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+        assert body["error"] == "too_many_connections"
+        assert "3 connections at most" in body["error_description"]
+    assert metric(served.metrics(), "cpi_proxy_client_connections_refused_total") == 2
+
+    held.pop().close()
+    await until(lambda: served.open == 2)
+    again = await connect(served)
+    await again.send(HEALTHZ)
+    assert (await again.answer())[0] == 200
+    assert metric(served.metrics(), "cpi_proxy_client_connections") == 3
+    for conn in (*held, again):
+        conn.close()
+    await until(lambda: served.open == 0)
+
+
+async def test_a_slowloris_swarm_cannot_hold_more_than_the_cap_for_longer_than_the_timeout(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy(max_clients=20)
+    swarm = [await connect(served) for _ in range(20)]
+    for conn in swarm:
+        await conn.send(b"GET / HTTP/1.1\r\n")
+    await until(lambda: served.open == 20)
+    late = await connect(served)
+    assert parse(await late.until_closed())[0] == 503  # full: refused, not left waiting
+    closed = await asyncio.gather(*(conn.until_closed() for conn in swarm))
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in closed)
+    await until(lambda: served.open == 0)
+    again = await connect(served)
+    await again.send(HEALTHZ)
+    assert (await again.answer())[0] == 200
+    again.close()
+
+
+# --- the header size cap (aiohttp's parser, 32 KiB per line) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        HEALTHZ[:-2] + b"X-Big: " + b"a" * (33 * 1024) + b"\r\n\r\n",  # one header too long
+        b"GET /healthz?" + b"q" * (33 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line
+        HEALTHZ[:-2] + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",  # too many
+    ],
+    ids=["header", "request-line", "count"],
+)
+async def test_an_oversized_head_is_400_and_the_connection_closes(
+    serve_proxy: Serve, connect: Connect, head: bytes
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    await conn.send(head)
+    answer = await conn.until_closed()
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # HTTP/1.0 from aiohttp
+    await until(lambda: served.open == 0)
+
+
+# --- `cpi-proxy serve` itself -----------------------------------------------------------------
+
+
+async def test_serve_applies_both_limits(
+    xsuaa: EmulatedXsuaa,
+    iflow: Iflow,
+    ca_file: Path,
+    tmp_path: Path,
+    unused_tcp_port: int,
+    connect: Connect,
+) -> None:
+    """The real process (uvloop when installed), configured through the environment."""
+    settings = {"CPI_PROXY_HEADER_TIMEOUT": "0.3", "CPI_PROXY_MAX_CLIENTS": "2"}
+    process = await serve(xsuaa, iflow, tmp_path, unused_tcp_port, settings)
+    served = Served(unused_tcp_port)
+    try:
+        await wait_until_serving(f"http://127.0.0.1:{unused_tcp_port}", process)
+        slow = await connect(served)
+        started = time.monotonic()
+        await slow.send(b"GET /healthz HTTP/1.1\r\n")
+        assert (await slow.until_closed()).startswith(b"HTTP/1.1 408 ")
+        assert 0.3 <= time.monotonic() - started < 0.3 + GENEROUS
+        held = [await connect(served) for _ in range(2)]
+        for conn in held:
+            await conn.send(HEALTHZ)
+            assert (await conn.answer())[0] == 200
+        refused = await connect(served)
+        assert parse(await refused.until_closed())[0] == 503
+        for conn in held:
+            conn.close()
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+
+
+# --- the file-descriptor budget ---------------------------------------------------------------
+
+
+def test_the_fd_limit_is_raised_to_what_the_limits_need(caplog: pytest.LogCaptureFixture) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert fd_budget(max_clients=100, max_connections=10) == 256  # enough: untouched
+        needed = 300 + 10 + LINGERING_REFUSALS + FD_RESERVE
+        assert fd_budget(max_clients=300, max_connections=10) == min(needed, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(needed, hard)
+        assert "file-descriptor limit" not in caplog.text
+        if hard != resource.RLIM_INFINITY:
+            with caplog.at_level(logging.WARNING):
+                assert fd_budget(max_clients=hard, max_connections=10) == hard
+            assert "lower CPI_PROXY_MAX_CLIENTS" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
