@@ -12,14 +12,16 @@ import copy
 import gc
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import jwt
 
-from proxy.auth import Claims
+from proxy.auth import Claims, shared_scopes
 from proxy.dev import EmulatedXsuaa
-from proxy.exchange import CpiToken, _TokenCache
+from proxy.exchange import CpiToken
+from proxy.lru import ExpiringLRU
 
 
 def rss_mib() -> float:
@@ -40,7 +42,9 @@ def main() -> None:
     gc.collect()
     before = rss_mib()
     claims_cache: dict[bytes, Claims] = {}
-    tokens: _TokenCache = _TokenCache(maxsize=users, ttu=lambda _k, t, _n: t.cache_until)
+    tokens: ExpiringLRU[bytes, CpiToken] = ExpiringLRU(
+        users, deadline=lambda t: t.cache_until, clock=time.monotonic
+    )
     now = time.monotonic()
     for i in range(users):
         unique = f"{i:08d}"
@@ -50,15 +54,15 @@ def main() -> None:
         claims_cache[digest] = Claims(
             token_hash=digest,
             subject=raw["user_name"],
-            scopes=frozenset(raw["scope"]),
-            zone_id=raw["zid"],
-            client_id=raw["client_id"],
+            scopes=shared_scopes(raw["scope"]),  # as the validator builds them
+            zone_id=sys.intern(raw["zid"]),
+            client_id=sys.intern(raw["client_id"]),
             expires_at=raw["exp"],
-            origin=raw["origin"],
+            origin=sys.intern(raw["origin"]),
         )
-        tokens[hashlib.sha256(digest).digest()] = CpiToken(
+        tokens[digest] = CpiToken(
             access_token=cpi_token[:-8] + unique,
-            scopes=frozenset(raw["scope"]),
+            scopes=shared_scopes(raw["scope"]),
             expires_at=now + 43_000,
             cache_until=now + 42_000,
             fetched_at=now,

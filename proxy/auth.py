@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,10 +28,10 @@ from proxy.lru import ExpiringLRU
 MAX_TOKEN_BYTES = 16 * 1024  # real XSUAA tokens are 1-4 KiB; bigger ones are refused unread
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claims:
     """What the pipeline needs from a validated user token: kept per user in the claims cache,
-    so only the few fields in use (not the whole payload) to keep each entry small."""
+    so only the few fields in use (not the whole payload), in slots, to keep each entry small."""
 
     token_hash: bytes
     subject: str  # user_name, or client_id for a client-credentials token
@@ -40,11 +40,12 @@ class Claims:
     client_id: str
     expires_at: float  # epoch seconds
     origin: str = ""  # the user's identity provider (sap.default, ldap, ...)
+    # Stable per user, meaningless outside: for request logs (SAP logs no user names).
+    anonymous_id: str = field(init=False, compare=False)
 
-    @cached_property  # once per validated token, not per request
-    def anonymous_id(self) -> str:
-        """Stable per user, meaningless outside: for request logs (SAP logs no user names)."""
-        return hashlib.sha256(f"{self.zone_id}\0{self.subject}".encode()).hexdigest()[:16]
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(f"{self.zone_id}\0{self.subject}".encode()).hexdigest()
+        object.__setattr__(self, "anonymous_id", digest[:16])
 
     def __repr__(self) -> str:  # short: the raw claims stay out of logs
         return f"Claims(subject={self.subject!r}, client_id={self.client_id!r})"
@@ -84,6 +85,21 @@ def audience_matches(claims: Mapping[str, Any], clientid: str, xsappname: str) -
             if candidate == name or candidate.startswith(name + "."):
                 return True
     return False
+
+
+_SCOPE_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def shared_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """One frozenset per distinct set of scopes: 100,000 users hold a handful of role
+    collections, so cached tokens share a few sets instead of keeping 100,000 copies."""
+    fresh = frozenset(sys.intern(s) for s in scopes)
+    known = _SCOPE_SETS.get(fresh)
+    if known is not None:
+        return known
+    if len(_SCOPE_SETS) < 4096:  # bounded; beyond it, sets are simply not shared
+        _SCOPE_SETS[fresh] = fresh
+    return fresh
 
 
 def _scopes(claims: Mapping[str, Any]) -> Iterable[str]:
@@ -201,11 +217,11 @@ class TokenValidator:
         return Claims(
             token_hash=digest,
             subject=str(subject or ""),
-            scopes=frozenset(_scopes(payload)),
-            zone_id=str(zid),
-            client_id=str(payload.get("client_id") or payload.get("cid") or ""),
+            scopes=shared_scopes(_scopes(payload)),
+            zone_id=sys.intern(str(zid)),
+            client_id=sys.intern(str(payload.get("client_id") or payload.get("cid") or "")),
             expires_at=expires_at,
-            origin=str(payload.get("origin") or ""),
+            origin=sys.intern(str(payload.get("origin") or "")),
         )
 
 

@@ -37,7 +37,7 @@ import aiohttp
 import jwt
 from cachetools import TLRUCache
 
-from proxy.auth import Claims
+from proxy.auth import Claims, shared_scopes
 from proxy.bindings import JWT_BEARER, CpiBinding
 from proxy.errors import (
     ExchangeTimeout,
@@ -54,7 +54,7 @@ from proxy.tls import mtls_context
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CpiToken:
     access_token: str = field(repr=False)
     scopes: frozenset[str]
@@ -413,8 +413,8 @@ def _scopes(data: dict[str, Any], access_token: str) -> frozenset[str]:
         except jwt.PyJWTError:
             scope = None
     if isinstance(scope, list):
-        return frozenset(s for s in scope if isinstance(s, str))
-    return frozenset(scope.split()) if isinstance(scope, str) else frozenset()
+        return shared_scopes(s for s in scope if isinstance(s, str))
+    return shared_scopes(scope.split() if isinstance(scope, str) else ())
 
 
 def _tls_refused(exc: aiohttp.ClientError) -> bool:
