@@ -249,7 +249,7 @@ class Forwarder:
             raise UpstreamUnreachable(f"cannot reach the CPI runtime ({exc})") from None
         finally:
             elapsed = time.perf_counter() - started
-            self._metrics.upstream_seconds.labels(route.name).observe(elapsed)
+            self._metrics.timings(self._metrics.upstream_timings, route.name).observe(elapsed)
 
     async def _counted(self, stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         sent = 0

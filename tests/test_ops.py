@@ -19,6 +19,7 @@ from proxy.bindings import load_bindings
 from proxy.dev import EmulatedXsuaa
 from proxy.errors import ConfigError
 from proxy.logs import configure
+from proxy.metrics import Metrics
 from proxy.ops import AccessLogger
 from proxy.routes import parse_routes
 from proxy.settings import Settings
@@ -290,3 +291,19 @@ def test_bad_log_settings_are_config_errors() -> None:
         configure({"CPI_PROXY_LOG_FORMAT": "xml"}, io.StringIO())
     with pytest.raises(ConfigError, match="LOG_LEVEL='LOUD'"):
         configure({"LOG_LEVEL": "loud"}, io.StringIO())
+
+
+def test_lock_free_histograms_follow_prometheus_bucket_rules() -> None:
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 100.0):  # on a bound, just above it, beyond the last
+        metrics.observe("cpi", "POST", 200, seconds)
+    metrics.observe("cpi", "BREW", 503, 0.5)
+    text = metrics.render().decode()
+    assert metric(text, "cpi_proxy_request_duration_seconds_bucket", route="cpi", le="0.001") == 1
+    assert metric(text, "cpi_proxy_request_duration_seconds_bucket", route="cpi", le="0.0025") == 2
+    assert metric(text, "cpi_proxy_request_duration_seconds_bucket", route="cpi", le="60.0") == 3
+    assert metric(text, "cpi_proxy_request_duration_seconds_bucket", route="cpi", le="+Inf") == 4
+    assert metric(text, "cpi_proxy_request_duration_seconds_count", route="cpi") == 4
+    assert metric(text, "cpi_proxy_request_duration_seconds_sum", route="cpi") == 100.5021
+    labels = {"route": "cpi", "method": "other", "status_class": "5xx"}
+    assert metric(text, "cpi_proxy_requests_total", **labels) == 1
