@@ -205,9 +205,10 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError(f"CPI sent malformed HTTP ({exc})"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ended_by_cpi = not self.closed  # not our own abort (the pool closing)
         self.closed = True
         response = self._response
-        if response is not None and not self._framed and exc is None:
+        if response is not None and not self._framed and exc is None and ended_by_cpi:
             self._complete()  # the body ran until the connection closed, as announced
         else:
             self._fail(ConnectionClosed("CPI closed the connection"))
@@ -414,6 +415,7 @@ class Pool:
         self._idle_timeout = idle_timeout
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open: set[_Connection] = set()
+        self._connecting = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closing = False
 
@@ -482,11 +484,15 @@ class Pool:
 
     async def _acquire(self) -> _Connection:
         """A new connection, once the pool is under its limit."""
-        while self._limit and len(self._open) >= self._limit:
+        while self._limit and len(self._open) + self._connecting >= self._limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # our turn came as we were cancelled: pass it on
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -496,6 +502,8 @@ class Pool:
         return await self._connect()
 
     async def _connect(self) -> _Connection:
+        if self._closing:
+            raise ConnectFailed("the proxy is shutting down")
         loop = asyncio.get_running_loop()
         conn: _Connection | None = None
 
@@ -504,6 +512,8 @@ class Pool:
             conn = _Connection(self)
             return conn
 
+        self._connecting += 1  # counts against the limit until it is open or has failed
+        opened = False
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await loop.create_connection(
@@ -513,10 +523,15 @@ class Pool:
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
                 )
+            opened = True
         except TimeoutError:
             raise ConnectFailed(f"no connection within {self._connect_timeout:g} s") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"{exc.__class__.__name__}: {exc}") from None
+        finally:
+            self._connecting -= 1
+            if not opened:
+                self._wake()  # the place it held is free for a waiter
         assert conn is not None
         self._open.add(conn)
         return conn
