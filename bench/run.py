@@ -6,6 +6,7 @@ other cores, so CPU figures mean "per proxy core". Results: a markdown table on 
 in bench/results/.
 
     python bench/run.py [--duration 10] [--connections 32] [--users 1000] [--stream-mib 1024]
+                        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -270,6 +272,8 @@ class Bench:
             "PORT": str(port),
             "CPI_PROXY_LOOP": loop,
             "CPI_PROXY_CACHE_SIZE": str(max(10_000, self.args.users * 2)),
+            # The cold run opens one connection per user at once.
+            "CPI_PROXY_MAX_CLIENTS": str(max(1000, self.args.users + 100)),
         }
         command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1"]
         return self.spawn(command, PROXY_CPU if env.get("CPI_PROXY_WORKERS", "1") == "1" else "0-63", env)
@@ -369,40 +373,39 @@ async def run(args: argparse.Namespace) -> list[Result]:
             )
             await bench.stop(nginx)
 
+            # (c) and (d) run side by side, idle but for the one being measured, and take
+            # turns for --rounds rounds: each figure is the median of its rounds, so a burst
+            # of noise on this machine hits one round of one system, not a whole system.
             port = free_port()
             env = {**bench.env, "UPSTREAM": up, "PORT": str(port)}
             command = [sys.executable, str(ROOT / "bench" / "passthrough.py")]
             passthrough = bench.spawn(command, PROXY_CPU, env)
             await wait_port(port, passthrough)
-            result = await measure(
-                "aiohttp pass-through",
-                f"http://127.0.0.1:{port}/http/echo",
-                [passthrough.pid],
-                args,
-                auth,
-            )
-            result.extra = await bench.stream(
-                f"http://127.0.0.1:{port}/http", passthrough.pid, auth
-            )
-            results.append(result)
-            await bench.stop(passthrough)
-
             token = {"Authorization": f"Bearer {bench.xsuaa.mint_user_token('bench')}"}
             loops = ["asyncio"] + (["uvloop"] if _has_uvloop() else [])
+            contenders = [("aiohttp pass-through", f"http://127.0.0.1:{port}", passthrough, auth)]
             for loop in loops:
                 port = free_port()
                 proxy = bench.start_cpi_proxy(port, loop)
                 await wait_port(port, proxy)
-                name = f"cpi-proxy warm ({loop})"
-                result = await measure(
-                    name, f"http://127.0.0.1:{port}/cpi/echo", [proxy.pid], args, token
-                )
-                if loop == loops[-1]:
-                    result.extra = await bench.stream(
-                        f"http://127.0.0.1:{port}/cpi", proxy.pid, token
+                url = f"http://127.0.0.1:{port}/cpi"
+                contenders.append((f"cpi-proxy warm ({loop})", url, proxy, token))
+            rounds: dict[str, list[Result]] = {name: [] for name, *_ in contenders}
+            for round_no in range(args.rounds):
+                print(f"  round {round_no + 1} of {args.rounds}", flush=True)
+                for name, url, process, headers in contenders:
+                    path = "/http/echo" if process is passthrough else "/echo"
+                    rounds[name].append(
+                        await measure(name, url + path, [process.pid], args, headers)
                     )
+            for name, url, process, headers in contenders:
+                result = median(rounds[name])
+                if process is passthrough or name.endswith(f"({loops[-1]})"):
+                    prefix = url + ("/http" if process is passthrough else "")
+                    result.extra.update(await bench.stream(prefix, process.pid, headers))
                 results.append(result)
-                await bench.stop(proxy)
+            for _, _, process, _ in contenders:
+                await bench.stop(process)
 
             port = free_port()
             proxy = bench.start_cpi_proxy(port, loops[-1])
@@ -423,6 +426,26 @@ async def run(args: argparse.Namespace) -> list[Result]:
             await sink.cleanup()
             await xsuaa.cleanup()
     return results
+
+
+def median(runs: list[Result]) -> Result:
+    """Each figure's median over the rounds (peak RSS: the highest)."""
+
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    cpu = [r.cpu_us_per_req for r in runs if r.cpu_us_per_req is not None]
+    rss = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
+    return Result(
+        runs[0].system,
+        rps=mid([r.rps for r in runs]),
+        p50_ms=mid([r.p50_ms for r in runs]),
+        p99_ms=mid([r.p99_ms for r in runs]),
+        cpu_us_per_req=mid(cpu) if cpu else None,
+        peak_rss_mib=max(rss) if rss else None,
+        errors=sum(r.errors for r in runs),
+        extra={"rounds": [asdict(r) for r in runs]},
+    )
 
 
 def _has_uvloop() -> bool:
@@ -483,6 +506,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--users", type=int, default=1000, help="distinct users, cold run")
     parser.add_argument("--stream-mib", type=int, default=1024, help="MiB each way")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of (c) and (d); medians")
     args = parser.parse_args()
     if CORES < 2:
         print("bench: one core only; figures are not per proxy core", file=sys.stderr)
