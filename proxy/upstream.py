@@ -233,7 +233,10 @@ class _Connection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_list.append((name.decode("latin-1"), value.decode("latin-1")))
+        # As aiohttp decodes them, so the server side writes the same bytes back out.
+        self._header_list.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -249,7 +252,8 @@ class _Connection(asyncio.Protocol):
         head, self._head = self._head, None
         if head.done():  # the caller was cancelled and is about to abort this connection
             return
-        response = Response(self, status, self._reason.decode("latin-1"), headers)
+        reason = self._reason.decode("utf-8", "surrogateescape")
+        response = Response(self, status, reason, headers)
         self._response = response
         head.set_result(response)
         if self._method == "HEAD":  # llhttp cannot be told to skip a HEAD answer's body

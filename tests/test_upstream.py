@@ -291,6 +291,14 @@ async def test_an_idle_connection_cpi_closed_is_not_handed_out(stage: Stage) -> 
     assert upstream.lines() == [[b"GET /one HTTP/1.1"], [b"GET /two HTTP/1.1"]]
 
 
+async def test_header_bytes_survive_as_aiohttp_would_pass_them_on(stage: Stage) -> None:
+    answer = "HTTP/1.1 200 Très bien\r\nX-Name: café\r\nContent-Length: 2\r\n\r\nok".encode()
+    _, pool = await stage.start(always(answer))
+    async with await pool.request("GET", "/", [], None) as response:
+        assert response.headers["X-Name"] == "café"  # UTF-8, as aiohttp decodes headers
+        assert response.reason == "Très bien"
+
+
 # --- 2. request bytes ---------------------------------------------------------------------------
 async def test_request_heads_and_bodies_are_written_exactly(stage: Stage) -> None:
     seen: list[tuple[bytes, bytes]] = []
