@@ -18,7 +18,7 @@ from pytest_aiohttp.plugin import AiohttpServer
 
 from proxy.dev import EmulatedXsuaa, cached_rsa_key
 from proxy.state import PIPELINE
-from tests.conftest import Iflow, MakeProxy, bearer
+from tests.conftest import Iflow, MakeProxy, bearer, until
 
 Client = TestClient[web.Request, web.Application]
 
@@ -125,6 +125,37 @@ async def test_claim_tricks_are_refused(
     proxy: Client, xsuaa: EmulatedXsuaa, claims: dict[str, Any]
 ) -> None:
     assert await status_of(proxy, bearer(xsuaa.mint_user_token(claims=claims))) == 401
+
+
+@pytest.mark.parametrize("leaving", ["mid-upload", "mid-download"])
+async def test_clients_leaving_mid_stream_leave_no_connections_or_tasks_behind(
+    proxy: Client, xsuaa: EmulatedXsuaa, leaving: str
+) -> None:
+    token = xsuaa.mint_user_token()
+    async with proxy.post("/cpi/echo", data=b"warm", headers=bearer(token)) as resp:
+        assert resp.status == 200
+    pool = proxy.app[PIPELINE].pool
+    baseline = len(asyncio.all_tasks())
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        if leaving == "mid-upload":  # a body over the replay limit streams to CPI as it comes
+            head = b"POST /cpi/_emu/sink HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n"
+            writer.write(head + b"Authorization: Bearer " + token.encode() + b"\r\n\r\n")
+            writer.write(bytes(4 * 1024 * 1024))
+            await writer.drain()
+            await until(lambda: pool.open_connections > pool.idle_connections)  # under way
+        else:
+            writer.write(
+                b"GET /cpi/_emu/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(1024 * 1024)
+        writer.transport.abort()  # gone, without a goodbye
+    await until(lambda: pool.open_connections == pool.idle_connections)  # none left busy
+    await until(lambda: len(asyncio.all_tasks()) <= baseline)
+    async with proxy.post("/cpi/echo", data=b"after", headers=bearer(token)) as resp:
+        assert (resp.status, await resp.read()) == (200, b"after")
 
 
 @pytest.mark.parametrize(
