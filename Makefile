@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt check clean bench soak
+.PHONY: run test lint fmt check clean bench soak users
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,6 @@ bench: $(STAMP)  ## side-by-side benchmark (installs nginx and wrk when root); A
 
 soak: $(STAMP)  ## bounded mixed-load soak against the emulators; ARGS="--minutes 5"
 	$(BIN)/python bench/soak.py $(ARGS)
+
+users: $(STAMP)  ## 100,000 distinct users, one request each: the token caches hold; ARGS="--cache-size 100000"
+	$(BIN)/python bench/users.py $(ARGS)
