@@ -4,8 +4,8 @@
 
 One cleanup context owns the connections: the lean `upstream.Pool` for calls to CPI, and a
 ClientSession (no cookie jar, no auto-decompression) for XSUAA and CSRF fetches, and everything
-built on them; handlers raise `ProxyError`s and `middleware` renders them.
-The same middleware sets the correlation id for logging and records the request metrics.
+built on them; handlers raise `ProxyError`s and `handle` renders them.
+`handle` also sets the correlation id for logging and records the request metrics.
 Operator endpoints live in `ops`, the token insight page in `debug`.
 """
 
@@ -30,7 +30,7 @@ from proxy import debug, ops
 from proxy.auth import TokenValidator, authorize, bearer_token
 from proxy.bindings import Bindings
 from proxy.csrf import CsrfStore
-from proxy.errors import ProxyError
+from proxy.errors import MethodNotAllowed, ProxyError
 from proxy.exchange import CpiCredentials, TokenExchanger
 from proxy.forward import Forwarder
 from proxy.keys import KeyFetchError, KeyStore
@@ -42,6 +42,7 @@ from proxy.settings import Settings
 from proxy.state import (
     BINDINGS,
     CORRELATION_ID,
+    ENDPOINTS,
     METRICS,
     PIPELINE,
     ROUTE_NAME,
@@ -112,19 +113,31 @@ def json_error(
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPS_METHODS = frozenset({"GET", "HEAD"})
 
 
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Correlation id for every log line, request metrics (route names, not paths), and the
-    one place where errors become HTTP answers."""
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Every request: operator endpoints by exact path, everything else through the pipeline.
+    Also the correlation id for every log line, request metrics (route names, not paths), and
+    the one place where errors become HTTP answers.
+
+    aiohttp's router only holds one catch-all route to this, and no middleware runs: each layer
+    of either is a coroutine resumed on every step of every request.
+    """
     cid = correlation_id(request)
     correlation.set(cid)
-    metrics = request.app[METRICS]
+    app = request.app
+    metrics = app[METRICS]
     metrics.in_flight.inc()
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        endpoint = app[ENDPOINTS].get(request.path)
+        if endpoint is None:
+            response = await proxy_handler(request)
+        elif request.method in _OPS_METHODS:
+            response = await endpoint(request)
+        else:
+            raise MethodNotAllowed(f"{request.path} answers GET", allowed=_OPS_METHODS)
     except ProxyError as exc:
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.error)
         response = json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
@@ -269,7 +282,6 @@ def create_app(
     # Real XSUAA tokens with many role collections exceed aiohttp's 8 KiB header default; allow
     # 32 KiB so tokens up to MAX_TOKEN_BYTES reach the validator and get a JSON answer.
     app = web.Application(
-        middlewares=[middleware],
         handler_args={"max_field_size": 32 * 1024, "max_line_size": 32 * 1024},
     )
     app[SETTINGS] = settings
@@ -280,13 +292,13 @@ def create_app(
     app.cleanup_ctx.append(_pipeline)
     if live_reload:
         app.cleanup_ctx.append(_live_reload)
+    endpoints: dict[str, Handler] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
     if settings.metrics_port:
         app.cleanup_ctx.append(ops.metrics_site)
     else:
-        app.router.add_get("/metrics", ops.metrics)
-    app.router.add_get("/healthz", ops.healthz, allow_head=True)
-    app.router.add_get("/readyz", ops.readyz, allow_head=True)
+        endpoints["/metrics"] = ops.metrics
     if settings.debug:
-        app.router.add_get("/_debug/tokens", debug.tokens_page)
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+        endpoints["/_debug/tokens"] = debug.tokens_page
+    app[ENDPOINTS] = endpoints
+    app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -1,4 +1,4 @@
-"""One small exception tree; `app.middleware` is the only place that turns it into HTTP.
+"""One small exception tree; `app.handle` is the only place that turns it into HTTP.
 
     ConfigError                      start-up: a setting is missing or invalid (one line, exit 2)
     ProxyError                       a request failed; knows its status and OAuth-style error code

@@ -18,7 +18,7 @@ When the deadline passes, an idle connection gets a 408 JSON answer with Connect
 is closed; one with an answer still being written (a pipelined head behind it) is just closed.
 
 The two answers are written straight to the socket: no request exists at that point, so the
-app's error middleware (the one place that renders ProxyErrors) never sees them.
+app's `handle` (the one place that renders ProxyErrors) never sees them.
 
 aiohttp internals relied on (aiohttp 3.14; tests/test_limits.py fails if they change):
 - handlers are built as `Server.__call__` builds them, from `Server._loop` and `Server._kwargs`;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -33,6 +34,10 @@ BINDINGS = web.AppKey("bindings", Bindings)
 ROUTES = web.AppKey("routes", RouteState)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
+# Operator endpoints by exact path (/healthz, /readyz, ...); everything else is proxied.
+ENDPOINTS = web.AppKey(
+    "endpoints", dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+)
 
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 ROUTE_NAME = web.RequestKey("route_name", str)  # for metrics and the request log

@@ -127,6 +127,18 @@ async def test_readyz_waits_for_keys(make_proxy: MakeProxy, xsuaa: EmulatedXsuaa
         assert (resp.status, await resp.json()) == (200, {"status": "READY"})
 
 
+async def test_operator_endpoints_answer_get_and_head_only(proxy: Client, iflow: Iflow) -> None:
+    async with proxy.head("/healthz") as resp:
+        assert resp.status == 200
+    async with proxy.post("/healthz", data=b"x") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET, HEAD"
+        assert (await resp.json())["error"] == "method_not_allowed"
+    async with proxy.get("/healthz/") as resp:  # not the endpoint: a path for the route table
+        assert resp.status == 404
+    assert iflow.runtime.requests == []
+
+
 async def test_missing_cpi_role_is_403_before_cpi_is_called(
     make_proxy: MakeProxy, xsuaa: EmulatedXsuaa, iflow: Iflow
 ) -> None:
