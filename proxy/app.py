@@ -49,6 +49,7 @@ from proxy.state import (
     ROUTES,
     SETTINGS,
     USER,
+    Endpoint,
     Pipeline,
 )
 from proxy.tls import client_context
@@ -112,30 +113,30 @@ def json_error(
     return response
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPS_METHODS = frozenset({"GET", "HEAD"})
+Answer = web.StreamResponse
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(app: web.Application, request: web.Request) -> web.StreamResponse:
     """Every request: operator endpoints by exact path, everything else through the pipeline.
     Also the correlation id for every log line, request metrics (route names, not paths), and
     the one place where errors become HTTP answers.
 
-    aiohttp's router only holds one catch-all route to this, and no middleware runs: each layer
-    of either is a coroutine resumed on every step of every request.
+    No middleware runs, and `serve` calls this straight from aiohttp's server, past the router
+    (see `request_handler`): each layer of either is a coroutine resumed on every step of every
+    request. Tests and `dev` reach it through the router's one catch-all route.
     """
     cid = correlation_id(request)
     correlation.set(cid)
-    app = request.app
     metrics = app[METRICS]
     metrics.in_flight.inc()
     started = time.perf_counter()
     try:
         endpoint = app[ENDPOINTS].get(request.path)
         if endpoint is None:
-            response = await proxy_handler(request)
+            response = await proxy_handler(app, request)
         elif request.method in _OPS_METHODS:
-            response = await endpoint(request)
+            response = await endpoint(app, request)
         else:
             raise MethodNotAllowed(f"{request.path} answers GET", allowed=_OPS_METHODS)
     except ProxyError as exc:
@@ -156,8 +157,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    app = request.app
+async def _routed(request: web.Request) -> web.StreamResponse:
+    return await handle(request.app, request)
+
+
+def request_handler(
+    app: web.Application,
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """What `serve` gives aiohttp's server to call for each request instead of the router: the
+    app has one route, so resolving it (and the app's per-request bookkeeping) is pure cost."""
+
+    async def serve_request(request: web.BaseRequest) -> web.StreamResponse:
+        assert isinstance(request, web.Request)  # made by the app's request factory
+        expect = request.headers.get("Expect")
+        if expect is not None and request.version == aiohttp.HttpVersion11:
+            # The router's job, done here: tell a waiting client to send its body.
+            if expect.lower() != "100-continue":
+                return json_error(
+                    417, "expectation_failed", f"unknown Expect: {expect}", correlation_id(request)
+                )
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return await handle(app, request)
+
+    return serve_request
+
+
+async def proxy_handler(app: web.Application, request: web.Request) -> web.StreamResponse:
     pipeline = app[PIPELINE]
     # The table in force now serves this request to its end, whatever a reload does meanwhile.
     route, target, query = map_request(app[ROUTES].table, request.raw_path, request.method)
@@ -292,7 +318,7 @@ def create_app(
     app.cleanup_ctx.append(_pipeline)
     if live_reload:
         app.cleanup_ctx.append(_live_reload)
-    endpoints: dict[str, Handler] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
+    endpoints: dict[str, Endpoint] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
     if settings.metrics_port:
         app.cleanup_ctx.append(ops.metrics_site)
     else:
@@ -300,5 +326,5 @@ def create_app(
     if settings.debug:
         endpoints["/_debug/tokens"] = debug.tokens_page
     app[ENDPOINTS] = endpoints
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app.router.add_route("*", "/{tail:.*}", _routed)
     return app

@@ -66,8 +66,7 @@ def render(user: Mapping[str, Any], cpi: Mapping[str, Any], cpi_prefix: str) -> 
     )
 
 
-async def tokens_page(request: web.Request) -> web.Response:
-    app = request.app
+async def tokens_page(app: web.Application, request: web.Request) -> web.Response:
     pipeline, settings = app[PIPELINE], app[SETTINGS]
     token = bearer_token(request.headers.getall("Authorization", []))
     claims = await pipeline.validator.validate(token)

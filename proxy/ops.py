@@ -15,14 +15,14 @@ from proxy.state import CORRELATION_ID, METRICS, PIPELINE, ROUTE_NAME, SETTINGS,
 log = logging.getLogger(__name__)
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(app: web.Application, request: web.Request) -> web.Response:
     """Liveness only: the process answers. Readiness is /readyz."""
     return web.json_response({"status": "UP"})
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(app: web.Application, request: web.Request) -> web.Response:
     """Ready once XSUAA's keys are loaded, i.e. tokens can be validated."""
-    pipeline = request.app.get(PIPELINE)
+    pipeline = app.get(PIPELINE)
     if pipeline is not None and pipeline.keys.loaded:
         return web.json_response({"status": "READY"})
     reason = "XSUAA's verification keys are not loaded yet"
@@ -32,8 +32,8 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+async def metrics(app: web.Application, request: web.Request) -> web.Response:
+    body = app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -42,7 +42,7 @@ async def metrics_site(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     side = web.Application()
     side[METRICS] = app[METRICS]
-    side.router.add_get("/metrics", metrics)
+    side.router.add_get("/metrics", _side_metrics)
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.metrics_port).start()
@@ -51,6 +51,10 @@ async def metrics_site(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
+
+
+async def _side_metrics(request: web.Request) -> web.Response:
+    return await metrics(request.app, request)
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -20,7 +20,7 @@ from types import FrameType
 
 from aiohttp import web
 
-from proxy.app import create_app
+from proxy.app import create_app, request_handler
 from proxy.bindings import Bindings
 from proxy.errors import ConfigError
 from proxy.limits import LimitedSite, fd_budget
@@ -61,6 +61,8 @@ async def start(
         shutdown_timeout=settings.shutdown_grace,
     )
     await runner.setup()
+    assert runner.server is not None
+    runner.server.request_handler = request_handler(app)  # past the router: see app.handle
     site = LimitedSite(
         runner,
         settings.host,

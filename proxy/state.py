@@ -35,9 +35,8 @@ ROUTES = web.AppKey("routes", RouteState)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
 # Operator endpoints by exact path (/healthz, /readyz, ...); everything else is proxied.
-ENDPOINTS = web.AppKey(
-    "endpoints", dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
-)
+Endpoint = Callable[[web.Application, web.Request], Awaitable[web.StreamResponse]]
+ENDPOINTS = web.AppKey("endpoints", dict[str, Endpoint])
 
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 ROUTE_NAME = web.RequestKey("route_name", str)  # for metrics and the request log

@@ -361,3 +361,51 @@ def test_the_fd_limit_is_raised_to_what_the_limits_need(caplog: pytest.LogCaptur
             assert "lower CPI_PROXY_MAX_CLIENTS" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- serve calls app.handle past the router: what the router did for it ---------------------
+
+
+async def test_served_proxy_tells_an_expecting_client_to_send_its_body(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa
+) -> None:
+    conn = await connect(await serve_proxy())
+    token = xsuaa.mint_user_token().encode()
+    await conn.send(
+        b"POST /cpi/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+        b"Authorization: Bearer " + token + b"\r\n\r\n"
+    )
+    async with asyncio.timeout(GENEROUS):  # without the 100, a client would wait, then send
+        assert await conn.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await conn.send(b"hello")
+    status, _, body = await conn.answer()
+    assert (status, body) == (200, b"hello")
+
+
+async def test_served_proxy_refuses_an_unknown_expectation(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    conn = await connect(await serve_proxy())
+    await conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n")
+    status, headers, body = await conn.answer()
+    assert status == 417
+    assert json.loads(body)["error"] == "expectation_failed"
+    assert headers["x-correlationid"]
+
+
+async def test_served_proxy_answers_operator_endpoints_and_proxies_the_rest(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa, iflow: Iflow
+) -> None:
+    conn = await connect(await serve_proxy())
+    await conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await conn.answer())[0] == 200
+    await conn.send(b"DELETE /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = await conn.answer()
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    token = xsuaa.mint_user_token("served").encode()
+    await conn.send(
+        b"GET /cpi/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+    )
+    status, headers, _ = await conn.answer()
+    assert (status, headers["x-cpi-subject"]) == (200, "served")
+    assert [r.subject for r in iflow.runtime.requests] == ["served"]
