@@ -8,11 +8,13 @@ reproduced byte by byte rather than mocked.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import ssl
 import struct
 import sys
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +299,58 @@ async def test_header_bytes_survive_as_aiohttp_would_pass_them_on(stage: Stage) 
     async with await pool.request("GET", "/", [], None) as response:
         assert response.headers["X-Name"] == "café"  # UTF-8, as aiohttp decodes headers
         assert response.reason == "Très bien"
+
+
+async def test_connections_left_idle_are_closed_after_the_idle_timeout(stage: Stage) -> None:
+    closed: list[bytes] = []
+
+    async def answer_then_note_the_close(peer: Peer) -> None:
+        while await peer.request() is not None:
+            peer.send(OK)
+        closed.append(await peer.until_eof())
+
+    upstream = Upstream(answer_then_note_the_close)
+    await upstream.start(None)
+    stage.upstreams.append(upstream)
+    pool = Pool(f"http://127.0.0.1:{upstream.port}", ssl_context=None, connect_timeout=WITHIN,
+                idle_timeout=0.2)  # fmt: skip
+    stage.pools.append(pool)
+    first, second = await asyncio.gather(get(pool, "/a"), get(pool, "/b"))
+    assert first == second == (200, b"ok")
+    assert pool.open_connections == 2
+    # No further request comes: the pool's own timer closes them, as CPI would see it.
+    await until(lambda: pool.open_connections == 0 and len(closed) == 2, within=WITHIN)
+    assert pool.idle_connections == 0
+
+
+async def test_a_broken_off_answer_is_freed_at_once_not_by_the_cyclic_gc(stage: Stage) -> None:
+    """A dead connection holds a TLS buffer and its answer the body read so far: both must go
+    when the last reference does. Left to the cyclic GC, they piled up by the hundred MiB."""
+
+    async def cut_short(peer: Peer) -> None:
+        if await peer.request() is not None:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + bytes(5000))
+            await asyncio.sleep(0)
+            peer.reset()
+
+    _, pool = await stage.start(cut_short)
+    gc.disable()
+    try:
+        response = await pool.request("GET", "/", [], None)
+        assert response._conn is not None
+        conn, answer = weakref.ref(response._conn), weakref.ref(response)
+        try:
+            async with response:
+                await response.read()
+        except UpstreamError:
+            pass
+        else:
+            pytest.fail("the answer was cut short")
+        del response
+        await until(lambda: conn() is None, within=WITHIN)
+        assert answer() is None
+    finally:
+        gc.enable()
 
 
 # --- 2. request bytes ---------------------------------------------------------------------------
