@@ -67,13 +67,13 @@ class Response:
     `async with` before the body is complete closes the connection instead of pooling it."""
 
     __slots__ = (
+        "__weakref__",
         "_buffered",
         "_chunks",
         "_conn",
         "_done",
         "_exc",
         "_waiter",
-        "__weakref__",
         "headers",
         "reason",
         "status",
