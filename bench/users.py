@@ -460,7 +460,7 @@ def markdown(result: dict[str, Any]) -> str:
             f" {plateau['to_users']:,} users (highest {plateau['max_rss_over_start_mib']:+};"
             f" limit {plateau['limit_mib']})"
             if plateau
-            else "not measured (the cache never filled over the second half)"
+            else "not measured (no evictions: the run never went past the cap)"
         ),
         f"proxy: exchanges {r['proxy_exchanges']}, {r['proxy_log_lines']} log lines,"
         f" exit code {r['proxy_exit_code']}",
