@@ -255,6 +255,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             pool,
             bindings.cpi.url,
             replay_limit=settings.replay_limit,
+            replay_budget=settings.replay_budget,
             csrf=csrf,
             role_scope=bindings.cpi.scope_of,
             metrics=metrics,

@@ -69,6 +69,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "x-correlationid"}
 _RESPONSE_DROP_WITH_LENGTH = _RESPONSE_DROP | {"content-length"}
 SMALL_BODY = 64 * 1024  # answers up to this size (by Content-Length) are sent in one write
+NOT_HELD = "chunked, over the replay limit, or arriving while the replay budget was in use"
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -117,18 +118,43 @@ class Body:
 
     data: bytes | aiohttp.StreamReader | None
     replayable: bool
+    held: int = 0  # bytes taken from the replay budget
 
 
-async def read_body(request: web.Request, limit: int) -> Body:
+class ReplayBudget:
+    """Bytes that all requests together may hold for replay. Each body is bounded by the replay
+    limit, but 1,000 clients times 1 MiB is 1 GiB: beyond the budget a body streams instead (it
+    cannot then be re-sent, and a refusal that needs it answers with a hint to retry)."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+
+    def take(self, size: int) -> bool:
+        if size > self.free:
+            return False
+        self.free -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self.free += size
+
+
+async def read_body(request: web.Request, limit: int, budget: ReplayBudget) -> Body:
     if not request.body_exists:
         return Body(None, replayable=True)
     length = request.content_length
-    if length is not None and length <= limit:
+    if length is not None and length <= limit and budget.take(length):
         content = request.content
-        if content.is_eof():  # a small body usually came with the head: no wait, no loop
-            return Body(content.read_nowait(), replayable=True)
-        return Body(await content.read(), replayable=True)
-    return Body(request.content, replayable=False)  # chunked, or too large to hold
+        try:
+            if content.is_eof():  # a small body usually came with the head: no wait, no loop
+                return Body(content.read_nowait(), replayable=True, held=length)
+            return Body(await content.read(), replayable=True, held=length)
+        except BaseException:
+            budget.give(length)
+            raise
+    return Body(request.content, replayable=False)  # chunked, too large, or over the budget
 
 
 class Forwarder:
@@ -138,6 +164,7 @@ class Forwarder:
         base_url: str,
         *,
         replay_limit: int,
+        replay_budget: int = 64 * 1024 * 1024,
         csrf: CsrfStore,
         role_scope: Callable[[str], str] = lambda role: role,
         metrics: Metrics | None = None,
@@ -147,6 +174,7 @@ class Forwarder:
         self._role_scope = role_scope
         self._metrics = metrics or Metrics()
         self._replay_limit = replay_limit
+        self.budget = ReplayBudget(replay_budget)
         self._csrf = csrf
 
     async def forward(
@@ -163,40 +191,43 @@ class Forwarder:
         target = f"{path}?{query}" if query else path
         csrf_on = request.method in MODIFYING and route.csrf is not False
         headers = upstream_headers(request, correlation_id=correlation_id, csrf_managed=csrf_on)
-        body = await read_body(request, self._replay_limit)
-        token = self._with_role(route, await credentials.get())
-        csrf = self._csrf.cached(token) if csrf_on else None
-        if csrf_on and csrf is None and route.csrf is True:
-            csrf = await self._csrf.fresh(token, self._endpoint(path), correlation_id)
-        renewed = refetched = False
-        while True:
-            answer = await self._send(request, route, target, headers, body, token, csrf)
-            if answer.status == 401 and not renewed and credentials.renewable(token):
-                renewed = True
-                await _discard(answer)
-                token = self._with_role(route, await credentials.renew(token))
-                csrf = self._csrf.cached(token) if csrf_on else None
-                if body.replayable:
-                    continue
-                raise CpiUnauthorized(
-                    "CPI refused the cached CPI token; a new one is in place, but this request's"
-                    " body (chunked or over the replay limit) cannot be sent twice: retry it"
-                )
-            if csrf_on and not refetched and csrf_required(answer):
-                refetched = True
-                await _discard(answer)
-                endpoint = self._endpoint(path)
-                csrf = await self._csrf.fresh(token, endpoint, correlation_id, stale=csrf)
-                if body.replayable:
-                    continue
-                raise CsrfRequired(
-                    "the iFlow is CSRF protected and this request's body (chunked or over the"
-                    " replay limit) cannot be sent twice; a CSRF token is now cached: retry, or"
-                    ' set "csrf": true on the route so the token is fetched first'
-                )
-            if answer.status in (401, 403):
-                raise await _refusal(answer, route, renewed=renewed)
-            return await self._respond(request, answer, correlation_id)
+        body = await read_body(request, self._replay_limit, self.budget)
+        try:
+            token = self._with_role(route, await credentials.get())
+            csrf = self._csrf.cached(token) if csrf_on else None
+            if csrf_on and csrf is None and route.csrf is True:
+                csrf = await self._csrf.fresh(token, self._endpoint(path), correlation_id)
+            renewed = refetched = False
+            while True:
+                answer = await self._send(request, route, target, headers, body, token, csrf)
+                if answer.status == 401 and not renewed and credentials.renewable(token):
+                    renewed = True
+                    await _discard(answer)
+                    token = self._with_role(route, await credentials.renew(token))
+                    csrf = self._csrf.cached(token) if csrf_on else None
+                    if body.replayable:
+                        continue
+                    raise CpiUnauthorized(
+                        "CPI refused the cached CPI token; a new one is in place, but this"
+                        f" request's body ({NOT_HELD}) cannot be sent twice: retry it"
+                    )
+                if csrf_on and not refetched and csrf_required(answer):
+                    refetched = True
+                    await _discard(answer)
+                    endpoint = self._endpoint(path)
+                    csrf = await self._csrf.fresh(token, endpoint, correlation_id, stale=csrf)
+                    if body.replayable:
+                        continue
+                    raise CsrfRequired(
+                        f"the iFlow is CSRF protected and this request's body ({NOT_HELD})"
+                        " cannot be sent twice; a CSRF token is now cached: retry, or set"
+                        ' "csrf": true on the route so the token is fetched first'
+                    )
+                if answer.status in (401, 403):
+                    raise await _refusal(answer, route, renewed=renewed)
+                return await self._respond(request, answer, correlation_id)
+        finally:
+            self.budget.give(body.held)
 
     def _endpoint(self, path: str) -> URL:
         return URL(f"{self._base}{path}", encoded=True)

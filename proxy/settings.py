@@ -32,6 +32,7 @@ class Settings:
     connect_timeout: float = 10.0
     max_connections: int = 100
     replay_limit: int = 1024 * 1024  # bodies up to this (by Content-Length) can be re-sent
+    replay_budget: int = 64 * 1024 * 1024  # all requests' held bodies together, at most
     reload_interval: float = 5.0  # seconds between route-file checks; 0: only on SIGHUP
     metrics_port: int = 0  # 0: /metrics on the main port
     shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
@@ -100,6 +101,9 @@ def load(environ: Mapping[str, str]) -> Settings:
         ),
         replay_limit=int(
             _number(environ, "CPI_PROXY_REPLAY_LIMIT", d.replay_limit, integer=True, zero=True)
+        ),
+        replay_budget=int(
+            _number(environ, "CPI_PROXY_REPLAY_BUDGET", d.replay_budget, integer=True, zero=True)
         ),
         reload_interval=_number(
             environ, "CPI_PROXY_RELOAD_INTERVAL", d.reload_interval, integer=False, zero=True

@@ -90,6 +90,11 @@ def test_client_limits_from_environment() -> None:
         ("CPI_PROXY_HEADER_TIMEOUT", "10s", "CPI_PROXY_HEADER_TIMEOUT='10s' is not a number"),
         ("CPI_PROXY_MAX_CLIENTS", "0", "CPI_PROXY_MAX_CLIENTS='0' must be greater than 0"),
         ("CPI_PROXY_MAX_CLIENTS", "1e3", "CPI_PROXY_MAX_CLIENTS='1e3' is not a whole number"),
+        (
+            "CPI_PROXY_REPLAY_BUDGET",
+            "-1",
+            "CPI_PROXY_REPLAY_BUDGET='-1' must be greater than or equal to 0",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(key: str, value: str, message: str) -> None:

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpServer
 
 from proxy.dev import EmulatedXsuaa
+from proxy.state import PIPELINE
 from tests.conftest import Iflow, MakeProxy, bearer
 
 Client = TestClient[web.Request, web.Application]
@@ -130,6 +131,23 @@ async def test_unreplayable_body_gets_csrf_required_and_the_retry_works(
     assert '"csrf": true' in body["error_description"]
     async with proxy.post("/cpi/echo", data=chunked(), headers=bearer(token)) as resp:
         assert (resp.status, await resp.read()) == (200, b"streamed")
+
+
+async def test_bodies_are_held_for_replay_only_within_the_replay_budget(
+    make_proxy: MakeProxy, xsuaa: EmulatedXsuaa, protected: Iflow
+) -> None:
+    proxy = await make_proxy(routes=routes("auto"), replay_budget=10)
+    forwarder = proxy.app[PIPELINE].forwarder
+    token = xsuaa.mint_user_token()
+    # 11 bytes do not fit the budget of 10: streamed, so CPI's demand for a token cannot be met
+    # by re-sending; the client hears why, and its retry (a token is now cached) succeeds.
+    status, body = await post(proxy, token, b"eleven byte")
+    assert status == 403 and b"replay budget" in body
+    assert await post(proxy, token, b"eleven byte") == (200, b"eleven byte")
+    other = xsuaa.mint_user_token("other")
+    assert await post(proxy, other, b"ten bytes!") == (200, b"ten bytes!")  # fits: replayed
+    assert trail(protected)[-3:] == ["rejected", "fetch", "accepted"]
+    assert forwarder.budget.free == 10  # every byte given back
 
 
 async def test_client_cookies_and_csrf_token_never_reach_cpi(
