@@ -4,6 +4,11 @@ Fields follow cf-java-logging-support / cf-nodejs-logging-support (`written_at`,
 `logger`, `correlation_id`, `component_name`, ...), so Kibana/Cloud Logging dashboards built for
 SAP apps read them as they are. Request lines carry `type: request`. On a terminal the same
 records are printed as plain text. Nothing here ever sees a token: callers log facts, not headers.
+
+One exception is not ours: aiohttp's server logs every request head its parser refuses
+(malformed, a line over 32 KiB, too many fields) at ERROR with a traceback and a message that may
+quote the refused bytes, so any client could flood the log, with its own bytes. `ParseErrors`
+makes each one INFO line without traceback or quotes (the client's fault, not ours).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.errors import ConfigError
 
@@ -91,6 +99,43 @@ class TextFormatter(logging.Formatter):
         return text if cid == "-" else f"{text} [{cid}]"
 
 
+class ParseErrors(logging.Filter):
+    """On `aiohttp.server`: a record carrying an aiohttp parse error becomes one INFO line.
+
+    aiohttp 3.14 logs a refused head in `RequestHandler.handle_error`, through `log_exception`
+    ("Error handling request from %s", exc_info=the HttpProcessingError: BadHttpMessage,
+    LineTooLong, InvalidHeader, BadStatusLine, ...), at ERROR; only a bad method on a
+    connection's first request is DEBUG already. The exception's message may quote the bytes it
+    refused (a token, say): it is kept on one line, with anything quoted elided, in printable
+    ASCII and at most KEEP characters. Records of any other exception (an error in a
+    handler) pass untouched.
+    """
+
+    LOGGER = "aiohttp.server"
+    KEEP = 80
+    QUOTED = re.compile(r"""b?'(?:\\.|[^'\\])*'?|b?"(?:\\.|[^"\\])*"?""")  # reprs, maybe cut
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        source = args[0] if record.msg == "Error handling request from %s" and args else "?"
+        record.msg = "bad request from %s: %s: %s"
+        record.args = (source, type(exc).__name__, self.summary(exc.message))
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno = min(record.levelno, logging.INFO)
+        record.levelname = logging.getLevelName(record.levelno)
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)
+
+    @classmethod
+    def summary(cls, message: str) -> str:
+        """The parser's words without what the client sent, on one line: `Got more than 32768
+        bytes when reading: '...'.`, `Bad status line: Invalid HTTP version: '...'`."""
+        text = cls.QUOTED.sub("'...'", " ".join(message.split())).rstrip(" ^:")
+        return "".join(c if " " <= c <= "~" else "?" for c in text)[: cls.KEEP]
+
+
 def configure(environ: Mapping[str, str], stream: TextIO | None = None) -> None:
     """LOG_LEVEL; JSON unless writing to a terminal (CPI_PROXY_LOG_FORMAT=json|text forces)."""
     level = environ.get("LOG_LEVEL", "INFO").upper()
@@ -106,3 +151,6 @@ def configure(environ: Mapping[str, str], stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    server = logging.getLogger(ParseErrors.LOGGER)
+    if not any(isinstance(f, ParseErrors) for f in server.filters):
+        server.addFilter(ParseErrors())

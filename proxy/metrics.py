@@ -166,6 +166,11 @@ class Metrics:
             "Connections closed because a request head took over CPI_PROXY_HEADER_TIMEOUT.",
             registry=r,
         )
+        self.heads_too_large = Counter(
+            "cpi_proxy_request_heads_too_large",
+            "Connections answered 431 because a request head passed CPI_PROXY_MAX_HEAD_BYTES.",
+            registry=r,
+        )
         self.key_fetches = Counter(
             "cpi_proxy_key_fetches",
             "Fetches of XSUAA's verification keys by outcome.",

@@ -5,8 +5,9 @@ worker (up to N times); the kernel spreads connections across workers. uvloop is
 installed (`pip install 'cpi-proxy[fast]'`), unless CPI_PROXY_LOOP says otherwise.
 
 `start` serves an app as `web.run_app` would (same keep-alive timeout, access log, handlers not
-cancelled when a client leaves), but listens through `limits.LimitedSite`: a deadline for each
-request head and a cap on client connections, per process. Tests serve through it too.
+cancelled when a client leaves), but listens through `limits.LimitedSite`: a deadline and a size
+cap for each request head and a cap on client connections, per process. Tests serve through it
+too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ async def start(
         settings.port,
         header_timeout=settings.header_timeout,
         max_clients=settings.max_clients,
+        max_head_bytes=settings.max_head_bytes,
         metrics=app[METRICS],
         reuse_port=reuse_port,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from proxy.errors import ConfigError
 
 DEFAULT_ENV_FILE = "default-env.json"
+MIN_HEAD_BYTES = 17 * 1024  # auth.MAX_TOKEN_BYTES and 1 KiB for the request line and Host
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Settings:
     shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
     header_timeout: float = 10.0  # seconds a client has to send a request head (slowloris)
     max_clients: int = 1000  # client connections per process; more are answered 503
+    # A request head's bytes (request line and header fields); more are answered 431. 64 KiB fits
+    # the longest request line aiohttp admits (32 KiB), the largest token the validator accepts
+    # (16 KiB) and the headers a router and a browser add, with room to spare.
+    max_head_bytes: int = 64 * 1024
     debug: bool = False  # /_debug/tokens
     debug_scope: str | None = None  # required for /_debug/tokens when set ($XSAPPNAME expands)
     loop: str = "auto"  # auto: uvloop when installed
@@ -116,6 +121,7 @@ def load(environ: Mapping[str, str]) -> Settings:
             environ, "CPI_PROXY_HEADER_TIMEOUT", d.header_timeout, integer=False
         ),
         max_clients=int(_number(environ, "CPI_PROXY_MAX_CLIENTS", d.max_clients, integer=True)),
+        max_head_bytes=_head_bytes(environ, "CPI_PROXY_MAX_HEAD_BYTES", d.max_head_bytes),
         debug=_flag(environ, "CPI_PROXY_DEBUG"),
         debug_scope=environ.get("CPI_PROXY_DEBUG_SCOPE") or None,
         loop=_choice(environ, "CPI_PROXY_LOOP", ("auto", "asyncio", "uvloop")),
@@ -135,6 +141,16 @@ def _port(environ: Mapping[str, str], key: str, default: int) -> int:
     if port > 65535:
         raise ConfigError(f"{key}={port} is not a TCP port (1-65535)")
     return port
+
+
+def _head_bytes(environ: Mapping[str, str], key: str, default: int) -> int:
+    value = int(_number(environ, key, default, integer=True))
+    if value < MIN_HEAD_BYTES:
+        raise ConfigError(
+            f"{key}={value} is below {MIN_HEAD_BYTES}: a 16 KiB token (the largest the proxy"
+            " accepts) with its request line would be refused"
+        )
+    return value
 
 
 def _flag(environ: Mapping[str, str], key: str) -> bool:

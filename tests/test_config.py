@@ -71,9 +71,24 @@ def test_settings_from_environment() -> None:
 
 
 def test_client_limits_from_environment() -> None:
-    settings = load({"CPI_PROXY_HEADER_TIMEOUT": "2.5", "CPI_PROXY_MAX_CLIENTS": "50"})
-    assert (settings.header_timeout, settings.max_clients) == (2.5, 50)
-    assert (Settings().header_timeout, Settings().max_clients) == (10.0, 1000)
+    settings = load(
+        {
+            "CPI_PROXY_HEADER_TIMEOUT": "2.5",
+            "CPI_PROXY_MAX_CLIENTS": "50",
+            "CPI_PROXY_MAX_HEAD_BYTES": "20000",
+        }
+    )
+    assert (settings.header_timeout, settings.max_clients, settings.max_head_bytes) == (
+        2.5,
+        50,
+        20000,
+    )
+    assert (Settings().header_timeout, Settings().max_clients, Settings().max_head_bytes) == (
+        10.0,
+        1000,
+        65536,
+    )
+    assert load({"CPI_PROXY_MAX_HEAD_BYTES": str(17 * 1024)}).max_head_bytes == 17408  # the floor
 
 
 @pytest.mark.parametrize(
@@ -90,6 +105,14 @@ def test_client_limits_from_environment() -> None:
         ("CPI_PROXY_HEADER_TIMEOUT", "10s", "CPI_PROXY_HEADER_TIMEOUT='10s' is not a number"),
         ("CPI_PROXY_MAX_CLIENTS", "0", "CPI_PROXY_MAX_CLIENTS='0' must be greater than 0"),
         ("CPI_PROXY_MAX_CLIENTS", "1e3", "CPI_PROXY_MAX_CLIENTS='1e3' is not a whole number"),
+        ("CPI_PROXY_MAX_HEAD_BYTES", "64k", "CPI_PROXY_MAX_HEAD_BYTES='64k' is not a whole number"),
+        ("CPI_PROXY_MAX_HEAD_BYTES", "0", "CPI_PROXY_MAX_HEAD_BYTES='0' must be greater than 0"),
+        (
+            "CPI_PROXY_MAX_HEAD_BYTES",
+            "17407",
+            "CPI_PROXY_MAX_HEAD_BYTES=17407 is below 17408: a 16 KiB token (the largest the proxy"
+            " accepts) with its request line would be refused",
+        ),
         (
             "CPI_PROXY_REPLAY_BUDGET",
             "-1",

@@ -1,5 +1,6 @@
 """Client limits under `serve`: a deadline for request heads (slowloris), a cap on connections,
-and the header size cap. Raw sockets on loopback against the proxy served as `serve` serves it."""
+and the head size caps (per line, in total). Raw sockets on loopback against the proxy served as
+`serve` serves it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from proxy.app import create_app
+from proxy.auth import MAX_TOKEN_BYTES
 from proxy.bindings import load_bindings
 from proxy.dev import EmulatedXsuaa
 from proxy.limits import FD_RESERVE, LINGERING_REFUSALS, LimitedSite, fd_budget
@@ -32,6 +34,7 @@ from tests.test_shutdown import serve, wait_until_serving
 HEADER_TIMEOUT = 0.3
 GENEROUS = 5.0  # a bound for "promptly" that a loaded machine still meets; never waited out
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+MAX_HEAD = Settings().max_head_bytes
 
 
 @dataclass
@@ -308,10 +311,170 @@ async def test_an_oversized_head_is_400_and_the_connection_closes(
     await until(lambda: served.open == 0)
 
 
+# --- the total head size cap (CPI_PROXY_MAX_HEAD_BYTES) ----------------------------------------
+
+
+def padded_head(start: bytes, size: int) -> bytes:
+    """`start` (a request line and headers) padded with X-Pad fields to `size` bytes in all; each
+    field under 8 KiB, so the emulated CPI (aiohttp's defaults) takes them too."""
+    room = size - len(start) - 2  # the blank line
+    pads: list[bytes] = []
+    while room > 0:
+        line = b"X-Pad-%d: " % len(pads)
+        value = b"p" * max(1, min(8000, room - len(line) - 2))
+        pads.append(line + value + b"\r\n")
+        room -= len(pads[-1])
+    head = start + b"".join(pads) + b"\r\n"
+    assert len(head) == size, "pad to an exact size"
+    return head
+
+
+def largest_token(xsuaa: EmulatedXsuaa) -> bytes:
+    """A valid user token as large as the validator admits (within base64's 4-byte steps)."""
+    pad = (MAX_TOKEN_BYTES - len(xsuaa.mint_user_token("big"))) * 3 // 4
+    token = xsuaa.mint_user_token("big", claims={"pad": "x" * pad})
+    while len(token) > MAX_TOKEN_BYTES:
+        pad -= 1
+        token = xsuaa.mint_user_token("big", claims={"pad": "x" * pad})
+    assert MAX_TOKEN_BYTES - 4 < len(token) <= MAX_TOKEN_BYTES
+    return token.encode()
+
+
+def send_in_background(conn: Conn, data: bytes) -> asyncio.Task[None]:
+    """Send `data` while the test reads; the proxy may hang up before it has read it all."""
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            await conn.send(data)
+
+    return asyncio.create_task(send())
+
+
+def statuses(received: bytes) -> list[int]:
+    """The statuses of the whole answers in `received` (each has a Content-Length)."""
+    found = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
+        found.append(int(status_line.split()[1]))
+        received = rest[int(fields["content-length"]) :]
+    return found
+
+
+async def test_a_huge_head_gets_a_431_json_answer_at_once_and_the_proxy_stays_healthy(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    field = b"X-Big-%03d: " + b"a" * (30 * 1024) + b"\r\n"  # each line within aiohttp's 32 KiB
+    head = HEALTHZ[:-2] + b"".join(field % i for i in range(120)) + b"\r\n"  # within 128 fields
+    assert len(head) > 3_600_000
+    started = time.monotonic()
+    sender = send_in_background(conn, head)
+    status, headers, body = await conn.answer()
+    elapsed = time.monotonic() - started
+    assert (status, headers["connection"], json.loads(body)) == (
+        431,
+        "close",
+        {
+            "error": "request_header_fields_too_large",
+            "error_description": "the request line and header fields together exceed 65536 bytes",
+        },
+    )
+    assert elapsed < 1.0, f"the 431 took {elapsed:.3f} s"
+    assert await conn.until_closed() == b""  # and nothing after it: the proxy sends no more
+    await sender
+    assert metric(served.metrics(), "cpi_proxy_request_heads_too_large_total") == 1
+    await until(lambda: served.open == 0)  # the client stays: the proxy closes after the linger
+    assert served.site is not None and served.site.clients is not None
+    assert served.site.clients.lingering == 0
+    again = await connect(served)
+    await again.send(HEALTHZ)
+    assert (await again.answer())[0] == 200
+
+
+@pytest.mark.parametrize(("size", "status"), [(MAX_HEAD, 200), (MAX_HEAD + 1, 431)])
+async def test_a_head_up_to_the_cap_with_the_largest_token_is_served_and_beyond_refused(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa, size: int, status: int
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    start = b"GET /cpi/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % (
+        largest_token(xsuaa)
+    )
+    sender = send_in_background(conn, padded_head(start, size))
+    assert (await conn.answer())[0] == status
+    await sender
+    refused = metric(served.metrics(), "cpi_proxy_request_heads_too_large_total")
+    assert refused == (1 if status == 431 else 0)
+
+
+async def test_a_head_in_many_small_packets_under_the_cap_is_served(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    head = padded_head(HEALTHZ[:-2], MAX_HEAD - 1)
+    for i in range(0, len(head), 100):  # 656 writes, each drained: many small reads
+        await conn.send(head[i : i + 100])
+    assert (await conn.answer())[0] == 200
+    await conn.send(HEALTHZ)  # the next head has its own count
+    assert (await conn.answer())[0] == 200
+
+
+async def test_a_large_body_after_a_small_head_is_not_counted(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    body = bytes(range(256)) * 4096  # 1 MiB, 16 times the cap; in the head's own reads too
+    token = xsuaa.mint_user_token().encode()
+    sender = send_in_background(
+        conn,
+        b"POST /cpi/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n%s%s"
+        % (len(body), token, body, HEALTHZ),
+    )
+    status, _, echoed = await conn.answer()
+    assert (status, len(echoed), echoed == body) == (200, len(body), True)
+    assert (await conn.answer())[0] == 200  # the pipelined head behind the body
+    await sender
+    assert metric(served.metrics(), "cpi_proxy_request_heads_too_large_total") == 0
+
+
+async def test_pipelined_heads_worth_more_than_the_cap_in_one_write_are_all_answered(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    one = padded_head(HEALTHZ[:-2], 1500)
+    sender = send_in_background(conn, one * 100)  # 150 KB: 2.3 times the cap
+    assert [(await conn.answer())[0] for _ in range(100)] == [200] * 100
+    await sender
+    assert metric(served.metrics(), "cpi_proxy_request_heads_too_large_total") == 0
+
+
+async def test_a_huge_head_pipelined_behind_a_request_never_garbles_its_answer(
+    serve_proxy: Serve, connect: Connect
+) -> None:
+    """If the first answer is still pending when the cap fills, no 431 can be written after it:
+    the proxy just hangs up. If it was sent already, the 431 follows it whole."""
+    served = await serve_proxy()
+    conn = await connect(served)
+    huge = padded_head(HEALTHZ[:-2], 4 * MAX_HEAD)
+    sender = send_in_background(conn, HEALTHZ + huge)
+    received = await conn.until_closed()
+    await sender
+    assert statuses(received) in ([], [200], [200, 431])
+    assert metric(served.metrics(), "cpi_proxy_request_heads_too_large_total") == 1
+    await until(lambda: served.open == 0)
+
+
 # --- `cpi-proxy serve` itself -----------------------------------------------------------------
 
 
-async def test_serve_applies_both_limits(
+async def test_serve_applies_the_client_limits(
     xsuaa: EmulatedXsuaa,
     iflow: Iflow,
     ca_file: Path,
@@ -320,7 +483,11 @@ async def test_serve_applies_both_limits(
     connect: Connect,
 ) -> None:
     """The real process (uvloop when installed), configured through the environment."""
-    settings = {"CPI_PROXY_HEADER_TIMEOUT": "0.3", "CPI_PROXY_MAX_CLIENTS": "2"}
+    settings = {
+        "CPI_PROXY_HEADER_TIMEOUT": "0.3",
+        "CPI_PROXY_MAX_CLIENTS": "2",
+        "CPI_PROXY_MAX_HEAD_BYTES": "20000",
+    }
     process = await serve(xsuaa, iflow, tmp_path, unused_tcp_port, settings)
     served = Served(unused_tcp_port)
     try:
@@ -330,6 +497,10 @@ async def test_serve_applies_both_limits(
         await slow.send(b"GET /healthz HTTP/1.1\r\n")
         assert (await slow.until_closed()).startswith(b"HTTP/1.1 408 ")
         assert 0.3 <= time.monotonic() - started < 0.3 + GENEROUS
+        big = await connect(served)
+        await big.send(padded_head(HEALTHZ[:-2], 20001))
+        assert (await big.answer())[0] == 431
+        big.close()
         held = [await connect(served) for _ in range(2)]
         for conn in held:
             await conn.send(HEALTHZ)
