@@ -276,7 +276,9 @@ class Bench:
             "CPI_PROXY_MAX_CLIENTS": str(max(1000, self.args.users + 100)),
         }
         command = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1"]
-        return self.spawn(command, PROXY_CPU if env.get("CPI_PROXY_WORKERS", "1") == "1" else "0-63", env)
+        return self.spawn(
+            command, PROXY_CPU if env.get("CPI_PROXY_WORKERS", "1") == "1" else "0-63", env
+        )
 
     async def stop(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
@@ -398,11 +400,22 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     rounds[name].append(
                         await measure(name, url + path, [process.pid], args, headers)
                     )
-            for name, url, process, headers in contenders:
-                result = median(rounds[name])
-                if process is passthrough or name.endswith(f"({loops[-1]})"):
+            # Streams take turns too: the pass-through and the last loop's cpi-proxy.
+            streamers = [
+                c for c in contenders if c[2] is passthrough or c[0].endswith(loops[-1] + ")")
+            ]
+            streams: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in streamers}
+            for _ in range(args.rounds):
+                for name, url, process, headers in streamers:
                     prefix = url + ("/http" if process is passthrough else "")
-                    result.extra.update(await bench.stream(prefix, process.pid, headers))
+                    streams[name].append(await bench.stream(prefix, process.pid, headers))
+            for name, *_ in contenders:
+                result = median(rounds[name])
+                if name in streams:
+                    runs = streams[name]
+                    result.extra.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+                    result.extra["rss_growth_mib"] = max(r["rss_growth_mib"] for r in runs)
+                    result.extra["stream_rounds"] = runs
                 results.append(result)
             for _, _, process, _ in contenders:
                 await bench.stop(process)
