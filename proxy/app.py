@@ -114,7 +114,6 @@ def json_error(
 
 
 _OPS_METHODS = frozenset({"GET", "HEAD"})
-Answer = web.StreamResponse
 
 
 async def handle(app: web.Application, request: web.Request) -> web.StreamResponse:
@@ -173,9 +172,8 @@ def request_handler(
         if expect is not None and request.version == aiohttp.HttpVersion11:
             # The router's job, done here: tell a waiting client to send its body.
             if expect.lower() != "100-continue":
-                return json_error(
-                    417, "expectation_failed", f"unknown Expect: {expect}", correlation_id(request)
-                )
+                why = f"only 'Expect: 100-continue' is understood, not {expect[:40]!r}"
+                return json_error(417, "expectation_failed", why, correlation_id(request))
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         return await handle(app, request)
