@@ -164,7 +164,7 @@ class Forwarder:
         base_url: str,
         *,
         replay_limit: int,
-        replay_budget: int = 64 * 1024 * 1024,
+        replay_budget: int,
         csrf: CsrfStore,
         role_scope: Callable[[str], str] = lambda role: role,
         metrics: Metrics | None = None,
