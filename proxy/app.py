@@ -269,7 +269,9 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         warm_up.cancel()
         with contextlib.suppress(asyncio.CancelledError, KeyFetchError):
             await warm_up
+        await keys.close()  # the warm-up's cancel stops at the shield, not at the fetch
         await exchanger.close()
+        await csrf.close()
         await pool.close()
         await session.close()
 

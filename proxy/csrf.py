@@ -66,6 +66,9 @@ class CsrfStore:
         )
         self._flights: SingleFlight[bytes, CsrfState] = SingleFlight()
 
+    async def close(self) -> None:
+        await self._flights.close()
+
     @staticmethod
     def _key(cpi: CpiToken) -> bytes:
         return hashlib.sha256(cpi.access_token.encode()).digest()

@@ -268,6 +268,7 @@ class TokenExchanger:
             self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refreshing
+        await self._flights.close()
 
     async def _request(self, form: dict[str, str], user_left: float | None) -> CpiToken:
         grant = "jwt-bearer" if form["grant_type"] == JWT_BEARER else "client-credentials"

@@ -139,6 +139,13 @@ class KeyStore:
         """Fetch the key set, sharing one request among all concurrent callers."""
         await asyncio.shield(self._inflight or self._start())
 
+    async def close(self) -> None:
+        """Cancel a fetch in flight: `refresh` shields it from its callers' cancellation."""
+        task = self._inflight
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     def _start(self) -> asyncio.Task[None]:
         self._attempted_at = self._clock()
         self._inflight = asyncio.ensure_future(self._fetch())

@@ -36,6 +36,14 @@ class SingleFlight(Generic[K, V]):
         finally:
             self.waiting -= 1
 
+    async def close(self) -> None:
+        """Cancel every flight and wait for it to end. A flight outlives its cancelled waiters
+        by design, so without this one could still hold a connection after shutdown."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _forget(self, key: K, task: asyncio.Future[V]) -> None:
         self._inflight.pop(key, None)
         if not task.cancelled():

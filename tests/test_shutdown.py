@@ -7,12 +7,17 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from proxy.auth import Claims, token_hash
+from proxy.bindings import load_bindings
 from proxy.dev import EmulatedXsuaa
-from tests.conftest import ROUTES, Iflow, bearer
+from proxy.exchange import TokenExchanger
+from tests.conftest import ROUTES, Iflow, MakeProxy, bearer
 
 
 async def wait_until_serving(url: str, process: asyncio.subprocess.Process) -> None:
@@ -113,3 +118,47 @@ async def test_workers_share_the_port_and_stop_together(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def proxy_tasks() -> list[asyncio.Task[Any]]:
+    """Unfinished tasks running the proxy's own code (not the emulators', not the test's)."""
+    found = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        name = code.co_filename if code is not None else ""
+        if not task.done() and "/proxy/" in name and "/proxy/dev/" not in name:
+            found.append(task)
+    return found
+
+
+async def test_closing_the_app_stops_a_key_fetch_still_in_flight(
+    make_proxy: MakeProxy, xsuaa: EmulatedXsuaa
+) -> None:
+    """The start-up key fetch is shielded from its caller; closing must still end it, or it
+    holds a connection to XSUAA past the app's life (CI saw it as an unclosed transport)."""
+    xsuaa.keys_fault = "hang"
+    proxy = await make_proxy()
+    await xsuaa.hangs.wait_for(1)  # the warm-up fetch is at XSUAA now
+    assert proxy_tasks()
+    await proxy.close()
+    assert proxy_tasks() == []
+
+
+async def test_closing_the_exchanger_stops_a_flight_its_caller_left(
+    session: aiohttp.ClientSession, xsuaa: EmulatedXsuaa, iflow: Iflow
+) -> None:
+    binding = load_bindings({"VCAP_SERVICES": json.dumps(xsuaa.vcap_services(iflow.url))}).cpi
+    exchanger = TokenExchanger(session, binding, cache_size=10, margin=60)
+    token = xsuaa.mint_user_token()
+    claims = Claims(
+        token_hash=token_hash(token), subject="alice", scopes=frozenset(), zone_id="z",
+        client_id="c", expires_at=time.time() + 600,
+    )  # fmt: skip
+    xsuaa.token_fault = "hang"
+    caller = asyncio.ensure_future(exchanger.for_user(claims, token))
+    await xsuaa.hangs.wait_for(1)
+    caller.cancel()  # the flight outlives its only caller, by design
+    await asyncio.gather(caller, return_exceptions=True)
+    assert proxy_tasks()
+    await exchanger.close()
+    assert proxy_tasks() == []
