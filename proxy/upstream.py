@@ -10,7 +10,9 @@ share of cpi-proxy's CPU per request. This client does only what the forwarder n
 - answers are parsed by httptools (llhttp, the parser aiohttp and Node.js use), and body
   chunks are handed over with back-pressure: reading pauses while 256 KiB wait unread;
 - `read_timeout` is the longest wait for the next bytes from CPI (aiohttp's sock_read), kept by
-  one timer per request rather than one per read;
+  one timer per request rather than one per read. While a body streams up, only time CPI
+  spends not taking it counts: a slow client is not CPI's fault (aiohttp starts the timer
+  once the body is sent);
 - a pooled connection that turns out closed before any answer is retried once on a new
   connection, for idempotent methods only (RFC 9112 §9.3.1), like aiohttp does.
 
@@ -201,7 +203,7 @@ class _Connection(asyncio.Protocol):
         self._paused_writing = False
         self._drain: asyncio.Future[None] | None = None
         self._timeout = 0.0
-        self._last_read = 0.0
+        self._last_heard = 0.0  # CPI's last sign of life: bytes sent, or upload bytes taken
         self._timer: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None
 
@@ -210,7 +212,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
+        self._last_heard = self._loop.time()
         self._got_bytes = True
         if self._head is None and self._response is None:
             self._fail(ProtocolError("CPI sent bytes nobody asked for"))
@@ -241,9 +243,11 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused_writing = True
+        self._last_heard = self._loop.time()  # from now on, CPI holds the upload back
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        self._last_heard = self._loop.time()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -342,25 +346,30 @@ class _Connection(asyncio.Protocol):
         exc = task.exception()
         if exc is not None:  # the client's body broke off, or CPI went away: nothing to reuse
             self._fail(ConnectionClosed(f"the upload ended ({exc.__class__.__name__}: {exc})"))
+        else:
+            self._last_heard = self._loop.time()  # CPI's turn to answer starts now
 
     # --- read timeout: one timer per request, rescheduled only when it fires ------------------
     def _arm(self) -> None:
         if self._timeout > 0:
-            self._last_read = self._loop.time()
-            self._timer = self._loop.call_at(self._last_read + self._timeout, self._check)
+            self._last_heard = self._loop.time()
+            self._timer = self._loop.call_at(self._last_heard + self._timeout, self._check)
 
     def _check(self) -> None:
         self._timer = None
         if self._head is None and self._response is None:
             return
         now = self._loop.time()
-        deadline = self._last_read + self._timeout
-        if self._paused_reading:  # our reader is slow, not CPI: wait for it
+        deadline = self._last_heard + self._timeout
+        uploading = self._sender is not None and not self._paused_writing
+        if self._paused_reading or uploading:  # our reader or the client is slow, not CPI
             deadline = now + self._timeout
-        if now >= deadline:
-            self._fail(TimeoutError(f"CPI sent nothing for {self._timeout:g} s"))
-        else:
+        if now < deadline:
             self._timer = self._loop.call_at(deadline, self._check)
+        elif self._paused_writing:
+            self._fail(TimeoutError(f"CPI took none of the upload for {self._timeout:g} s"))
+        else:
+            self._fail(TimeoutError(f"CPI sent nothing for {self._timeout:g} s"))
 
     # --- flow control and endings ------------------------------------------------------------
     def pause(self) -> None:
@@ -371,7 +380,7 @@ class _Connection(asyncio.Protocol):
     def resume(self) -> None:
         if self._paused_reading and self.transport is not None:
             self._paused_reading = False
-            self._last_read = self._loop.time()
+            self._last_heard = self._loop.time()
             self.transport.resume_reading()
 
     def _complete(self, *, reusable: bool = True) -> None:

@@ -229,6 +229,31 @@ async def test_slow_cpi_is_504_after_the_route_timeout(make_proxy: MakeProxy, to
     assert "0.3 s" in body["error_description"]
 
 
+@pytest.mark.parametrize("replay_limit", [0, 1024 * 1024], ids=["streamed", "held"])
+async def test_an_upload_slower_than_the_route_timeout_still_arrives(
+    make_proxy: MakeProxy, token: str, replay_limit: int
+) -> None:
+    """The route's timeout bounds CPI's silence, not the client's pace (aiohttp's sock_read
+    starts once the body is sent; so does ours)."""
+    routes = {"routes": [{**ROUTES["routes"][0], "timeout": 0.3}]}
+    proxy = await make_proxy(routes=routes, replay_limit=replay_limit)
+    loop = asyncio.get_running_loop()
+    digest, started = hashlib.sha256(), loop.time()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            await asyncio.sleep(0.1)  # the client's pace, not a wait for the test
+            block = os.urandom(4096)
+            digest.update(block)
+            yield block
+
+    headers = {**bearer(token), "Content-Length": str(8 * 4096)}
+    async with proxy.post("/cpi/_emu/sink", data=trickle(), headers=headers) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"bytes": 8 * 4096, "sha256": digest.hexdigest()}
+    assert loop.time() - started > 2 * 0.3
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [

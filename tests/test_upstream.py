@@ -654,6 +654,72 @@ async def test_a_steady_trickle_is_not_a_timeout(stage: Stage) -> None:
     assert pool.idle_connections == 1
 
 
+async def paced(chunks: int, gap: float, stamps: list[float]) -> AsyncIterator[bytes]:
+    """A client whose upload trickles in: one KiB every `gap` seconds."""
+    loop = asyncio.get_running_loop()
+    for _ in range(chunks):
+        await asyncio.sleep(gap)  # the client's pace, not a wait for the test
+        stamps.append(loop.time())
+        yield b"u" * 1024
+
+
+async def test_a_slow_upload_is_not_a_timeout(stage: Stage) -> None:
+    """The read timeout is CPI's to keep; a client trickling its body in is not CPI silent."""
+    gap, timeout = 0.08, 0.2
+    stamps: list[float] = []
+    _, pool = await stage.start(always(OK))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    body = paced(6, gap, stamps)
+    async with await pool.request("PUT", "/up", [], body, read_timeout=timeout) as response:
+        assert (response.status, await response.read()) == (200, b"ok")
+
+    assert stamps[-1] - started > 2 * timeout  # the upload alone outlasted the timeout
+    assert pool.idle_connections == 1
+
+
+async def test_after_a_slow_upload_cpi_gets_the_whole_timeout_to_answer(stage: Stage) -> None:
+    timeout = 0.2
+    stamps: list[float] = []
+    answered = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()  # the whole body; then stays silent
+        answered.set()
+        await peer.until_eof()
+
+    _, pool = await stage.start(script)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TimeoutError, match=r"CPI sent nothing for 0\.2 s"):
+        await pool.request("POST", "/up", [], paced(4, 0.08, stamps), read_timeout=timeout)
+    assert answered.is_set()
+    assert timeout <= loop.time() - stamps[-1] < timeout + 0.5
+    assert pool.open_connections == 0
+
+
+async def test_cpi_that_stops_taking_the_upload_times_out(stage: Stage) -> None:
+    """CPI reads the head and then nothing: once the socket buffers are full, the upload
+    waits on CPI, and that wait is what the read timeout bounds."""
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        block = b"x" * (1 << 20)
+        while sent < 1 << 30:  # far more than loopback's buffers hold
+            sent += len(block)
+            yield block
+
+    async def script(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await asyncio.Event().wait()  # never reads the body, never answers
+
+    _, pool = await stage.start(script)
+    with pytest.raises(TimeoutError, match=r"CPI took none of the upload for 0\.2 s"):
+        await pool.request("POST", "/up", [], endless(), length=1 << 30, read_timeout=0.2)
+    assert sent < 1 << 30  # stopped by the timeout, not by running out of body
+    assert pool.open_connections == 0
+
+
 # --- 7. broken upstream -------------------------------------------------------------------------
 @pytest.mark.parametrize("ending", ["reset", "fin"])
 async def test_a_body_cut_short_raises_connection_closed(stage: Stage, ending: str) -> None:
