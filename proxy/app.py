@@ -141,6 +141,8 @@ async def handle(app: web.Application, request: web.Request) -> web.StreamRespon
     except ProxyError as exc:
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.error)
         response = json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
+        if exc.closes:
+            response.force_close()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -254,6 +256,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             bindings.cpi.url,
             replay_limit=settings.replay_limit,
             replay_budget=settings.replay_budget,
+            body_pause=settings.body_timeout,
             csrf=csrf,
             role_scope=bindings.cpi.scope_of,
             metrics=metrics,

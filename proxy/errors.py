@@ -3,6 +3,8 @@
     ConfigError                      start-up: a setting is missing or invalid (one line, exit 2)
     ProxyError                       a request failed; knows its status and OAuth-style error code
      +-- BadRequest           400    path escapes /http/ or is malformed
+     |    +-- BodyBroken      400    the request body broke off before its end (closes)
+     +-- BodyTimeout          408    the client paused its body longer than allowed (closes)
      +-- NotFound             404    no route matches
      +-- MethodNotAllowed     405    route matches, method does not (carries Allow)
      +-- Unauthorized         401    no bearer token
@@ -37,6 +39,8 @@ class ConfigError(Exception):
 class ProxyError(Exception):
     status: ClassVar[int] = 500
     error: ClassVar[str] = "server_error"
+    # The client's connection cannot carry another request (its body is in an unknown state).
+    closes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -54,6 +58,16 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     error = "invalid_request"
+
+
+class BodyBroken(BadRequest):
+    closes = True
+
+
+class BodyTimeout(ProxyError):
+    status = 408
+    error = "request_timeout"
+    closes = True
 
 
 class NotFound(ProxyError):

@@ -11,6 +11,7 @@ pool keeps none, so one user's CPI session can never be replayed for another.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -26,6 +28,8 @@ from proxy import upstream as up
 from proxy.csrf import MODIFYING, CsrfState, CsrfStore
 from proxy.csrf import required as csrf_required
 from proxy.errors import (
+    BodyBroken,
+    BodyTimeout,
     CpiForbidden,
     CpiUnauthorized,
     CsrfRequired,
@@ -141,7 +145,36 @@ class ReplayBudget:
         self.free += size
 
 
-async def read_body(request: web.Request, limit: int, budget: ReplayBudget) -> Body:
+async def client_body(stream: aiohttp.StreamReader, pause: float) -> AsyncIterator[bytes]:
+    """The request body as the client sends it. A pause of more than `pause` seconds is a
+    408 (nginx's client_body_timeout), a body cut short a 400: the client's failures, never
+    to be reported as CPI's. Only waits are timed, so a body already buffered costs no timer."""
+    try:
+        while True:
+            chunk = stream.read_nowait()
+            if not chunk:
+                if stream.at_eof():
+                    return
+                async with asyncio.timeout(pause):
+                    chunk = await stream.readany()
+                if not chunk:
+                    return
+            yield chunk
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body paused for more than {pause:g} s (CPI_PROXY_BODY_TIMEOUT);"
+            " send it without long pauses"
+        ) from None
+    except (ConnectionError, HttpProcessingError) as exc:
+        # Nothing more will come; marked ended, so that aiohttp does not linger reading it
+        # after the answer (its read would raise this again and log it as unhandled).
+        stream.feed_eof()
+        raise BodyBroken(
+            f"the request body broke off before its end ({exc.__class__.__name__})"
+        ) from None
+
+
+async def read_body(request: web.Request, limit: int, budget: ReplayBudget, pause: float) -> Body:
     if not request.body_exists:
         return Body(None, replayable=True)
     length = request.content_length
@@ -150,7 +183,8 @@ async def read_body(request: web.Request, limit: int, budget: ReplayBudget) -> B
         try:
             if content.is_eof():  # a small body usually came with the head: no wait, no loop
                 return Body(content.read_nowait(), replayable=True, held=length)
-            return Body(await content.read(), replayable=True, held=length)
+            parts = [chunk async for chunk in client_body(content, pause)]
+            return Body(b"".join(parts), replayable=True, held=length)
         except BaseException:
             budget.give(length)
             raise
@@ -165,6 +199,7 @@ class Forwarder:
         *,
         replay_limit: int,
         replay_budget: int,
+        body_pause: float,
         csrf: CsrfStore,
         role_scope: Callable[[str], str] = lambda role: role,
         metrics: Metrics | None = None,
@@ -175,6 +210,7 @@ class Forwarder:
         self._metrics = metrics or Metrics()
         self._replay_limit = replay_limit
         self.budget = ReplayBudget(replay_budget)
+        self._body_pause = body_pause
         self._csrf = csrf
 
     async def forward(
@@ -191,7 +227,7 @@ class Forwarder:
         target = f"{path}?{query}" if query else path
         csrf_on = request.method in MODIFYING and route.csrf is not False
         headers = upstream_headers(request, correlation_id=correlation_id, csrf_managed=csrf_on)
-        body = await read_body(request, self._replay_limit, self.budget)
+        body = await read_body(request, self._replay_limit, self.budget, self._body_pause)
         try:
             token = self._with_role(route, await credentials.get())
             csrf = self._csrf.cached(token) if csrf_on else None
@@ -276,6 +312,10 @@ class Forwarder:
             raise UpstreamTimeout(
                 f"CPI did not answer within the route's timeout of {route.timeout:g} s"
             ) from None
+        except up.UploadFailed as exc:
+            if isinstance(exc.reason, ProxyError):  # the client's side of the upload failed
+                raise exc.reason from None
+            raise UpstreamUnreachable(f"the upload to CPI failed ({exc})") from None
         except up.UpstreamError as exc:
             raise UpstreamUnreachable(f"cannot reach the CPI runtime ({exc})") from None
         finally:
@@ -285,7 +325,7 @@ class Forwarder:
     async def _counted(self, stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         sent = 0
         try:
-            async for chunk in stream.iter_any():
+            async for chunk in client_body(stream, self._body_pause):
                 sent += len(chunk)
                 yield chunk
         finally:

@@ -38,7 +38,9 @@ aiohttp internals relied on (aiohttp 3.14; tests/test_limits.py fails if they ch
 - handlers are built as `Server.__call__` builds them, from `Server._loop` and `Server._kwargs`;
 - `RequestHandler.data_received` appends each parsed request head, with its body stream, to
   `RequestHandler._messages`, and a head its parser refuses as something other than a
-  `RawRequestMessage` (aiohttp then answers 400 and closes);
+  `RawRequestMessage` with the parser's exception as `.exc` (aiohttp then answers 400 and
+  closes). A body the parser refuses mid-way (a bad chunk) ends up the same way, its stream
+  left waiting: `_Handler` sets the exception on it, so the request's handler learns of it;
 - `RequestHandler._waiter` is pending while the handler waits for the next request: aiohttp's
   own keep-alive timer uses the same test for "idle".
 """
@@ -164,10 +166,15 @@ class _Handler(web.RequestHandler):
             if self.transport is None:
                 return
             if len(self._messages) > parsed:
+                body = self._body
                 message, self._body = self._messages[-1]
                 self._head = 0
                 self._stop_deadline()
                 if not isinstance(message, RawRequestMessage):
+                    if body is not None and not body.is_eof():
+                        # A malformed body (a bad chunk): aiohttp's parser drops its stream
+                        # without a word, and its reader would wait for bytes never to come.
+                        body.set_exception(message.exc)
                     return  # refused by the parser: aiohttp answers 400 and closes
             elif between_requests and piece:
                 self._head += len(piece)

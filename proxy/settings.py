@@ -38,6 +38,7 @@ class Settings:
     metrics_port: int = 0  # 0: /metrics on the main port
     shutdown_grace: float = 9.0  # Cloud Foundry sends SIGKILL 10 s after SIGTERM
     header_timeout: float = 10.0  # seconds a client has to send a request head (slowloris)
+    body_timeout: float = 60.0  # the longest pause in a request body (nginx's client_body_timeout)
     max_clients: int = 1000  # client connections per process; more are answered 503
     # A request head's bytes (request line and header fields); more are answered 431. 64 KiB fits
     # the longest request line aiohttp admits (32 KiB), the largest token the validator accepts
@@ -120,6 +121,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         header_timeout=_number(
             environ, "CPI_PROXY_HEADER_TIMEOUT", d.header_timeout, integer=False
         ),
+        body_timeout=_number(environ, "CPI_PROXY_BODY_TIMEOUT", d.body_timeout, integer=False),
         max_clients=int(_number(environ, "CPI_PROXY_MAX_CLIENTS", d.max_clients, integer=True)),
         max_head_bytes=_head_bytes(environ, "CPI_PROXY_MAX_HEAD_BYTES", d.max_head_bytes),
         debug=_flag(environ, "CPI_PROXY_DEBUG"),

@@ -54,6 +54,14 @@ class ProtocolError(UpstreamError):
     pass
 
 
+class UploadFailed(ConnectionClosed):
+    """The request body's source failed (not CPI): `reason` is what it raised."""
+
+    def __init__(self, message: str, reason: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _fresh(exc: BaseException) -> BaseException:
     """A new exception like `exc`, to raise. Raising the stored one would hang the raising
     frames (and the Response they hold, with its buffered body) on its traceback: a cycle that
@@ -344,8 +352,10 @@ class _Connection(asyncio.Protocol):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:  # the client's body broke off, or CPI went away: nothing to reuse
-            self._fail(ConnectionClosed(f"the upload ended ({exc.__class__.__name__}: {exc})"))
+        if isinstance(exc, UpstreamError):  # CPI went away mid-upload
+            self._fail(ConnectionClosed(str(exc)))
+        elif exc is not None:  # the body's source failed; CPI has half a request: no reuse
+            self._fail(UploadFailed(f"the upload ended ({exc.__class__.__name__}: {exc})", exc))
         else:
             self._last_heard = self._loop.time()  # CPI's turn to answer starts now
 

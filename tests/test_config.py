@@ -89,6 +89,10 @@ def test_client_limits_from_environment() -> None:
         65536,
     )
     assert load({"CPI_PROXY_MAX_HEAD_BYTES": str(17 * 1024)}).max_head_bytes == 17408  # the floor
+    assert (load({"CPI_PROXY_BODY_TIMEOUT": "7.5"}).body_timeout, Settings().body_timeout) == (
+        7.5,
+        60.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,6 +107,8 @@ def test_client_limits_from_environment() -> None:
         ("CPI_PROXY_HEADER_TIMEOUT", "0", "CPI_PROXY_HEADER_TIMEOUT='0' must be greater than 0"),
         ("CPI_PROXY_HEADER_TIMEOUT", "-1", "CPI_PROXY_HEADER_TIMEOUT='-1' must be greater than 0"),
         ("CPI_PROXY_HEADER_TIMEOUT", "10s", "CPI_PROXY_HEADER_TIMEOUT='10s' is not a number"),
+        ("CPI_PROXY_BODY_TIMEOUT", "0", "CPI_PROXY_BODY_TIMEOUT='0' must be greater than 0"),
+        ("CPI_PROXY_BODY_TIMEOUT", "1m", "CPI_PROXY_BODY_TIMEOUT='1m' is not a number"),
         ("CPI_PROXY_MAX_CLIENTS", "0", "CPI_PROXY_MAX_CLIENTS='0' must be greater than 0"),
         ("CPI_PROXY_MAX_CLIENTS", "1e3", "CPI_PROXY_MAX_CLIENTS='1e3' is not a whole number"),
         ("CPI_PROXY_MAX_HEAD_BYTES", "64k", "CPI_PROXY_MAX_HEAD_BYTES='64k' is not a whole number"),

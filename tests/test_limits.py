@@ -1,11 +1,12 @@
-"""Client limits under `serve`: a deadline for request heads (slowloris), a cap on connections,
-and the head size caps (per line, in total). Raw sockets on loopback against the proxy served as
-`serve` serves it."""
+"""Client limits under `serve`: a deadline for request heads (slowloris), a bound on pauses in a
+request body, a cap on connections, and the head size caps (per line, in total). Raw sockets on
+loopback against the proxy served as `serve` serves it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import resource
@@ -26,7 +27,8 @@ from proxy.metrics import Metrics
 from proxy.routes import parse_routes
 from proxy.serve import start
 from proxy.settings import Settings
-from proxy.state import METRICS
+from proxy.state import METRICS, PIPELINE
+from proxy.upstream import Pool
 from tests.conftest import ROUTES, Iflow, until
 from tests.test_ops import metric
 from tests.test_shutdown import serve, wait_until_serving
@@ -42,6 +44,7 @@ class Served:
     port: int
     site: LimitedSite | None = None
     app_metrics: Metrics | None = None
+    pool: Pool | None = None
 
     @property
     def open(self) -> int:
@@ -70,7 +73,7 @@ async def serve_proxy(xsuaa: EmulatedXsuaa, iflow: Iflow, ca_file: Path) -> Asyn
         app = create_app(settings, bindings, parse_routes(ROUTES))
         runner, site = await start(app, settings)
         runners.append(runner)
-        return Served(site.port, site, app[METRICS])
+        return Served(site.port, site, app[METRICS], app[PIPELINE].pool)
 
     yield make
     for runner in runners:
@@ -205,6 +208,123 @@ async def test_a_slow_body_is_not_cut_by_the_header_timeout(
     await conn.send(HEALTHZ)  # and the connection lives on
     assert (await conn.answer())[0] == 200
     conn.close()
+
+
+# --- the body pause ------------------------------------------------------------------------
+BODY_TIMEOUT = 0.3
+
+
+def post_head(path: str, token: str, framing: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n%s\r\n"
+        b"Authorization: Bearer %s\r\n\r\n" % (path.encode(), framing, token.encode())
+    )
+
+
+async def test_a_held_body_that_stops_gets_a_408_before_any_token_or_cpi_call(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa, iflow: Iflow
+) -> None:
+    served = await serve_proxy(body_timeout=BODY_TIMEOUT)
+    conn = await connect(served)
+    started = time.monotonic()
+    await conn.send(post_head("/cpi/echo", xsuaa.mint_user_token(), b"Content-Length: 100"))
+    await conn.send(b"x" * 10)  # and then nothing: the body is a tenth there
+    status, headers, raw = await conn.answer()
+    elapsed = time.monotonic() - started
+    body = json.loads(raw)
+    assert (status, headers["connection"], body["error"]) == (408, "close", "request_timeout")
+    assert "paused for more than 0.3 s (CPI_PROXY_BODY_TIMEOUT)" in body["error_description"]
+    assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + GENEROUS
+    assert (xsuaa.token_posts, iflow.runtime.requests) == (0, [])
+
+
+async def test_a_streamed_body_that_stops_gets_a_408_and_frees_its_cpi_connection(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa
+) -> None:
+    served = await serve_proxy(body_timeout=BODY_TIMEOUT)
+    assert served.pool is not None
+    conn = await connect(served)
+    started = time.monotonic()
+    token = xsuaa.mint_user_token()
+    await conn.send(post_head("/cpi/_emu/sink", token, b"Transfer-Encoding: chunked"))
+    await conn.send(b"5\r\nhello\r\n")  # streams to CPI at once; then the client stalls
+    status, headers, raw = await conn.answer()
+    elapsed = time.monotonic() - started
+    body = json.loads(raw)
+    assert (status, headers["connection"], body["error"]) == (408, "close", "request_timeout")
+    assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + GENEROUS
+    assert served.pool.open_connections == served.pool.idle_connections  # none left busy
+    text = served.metrics()
+    labels = {"route": "cpi", "method": "POST", "status_class": "4xx"}
+    assert metric(text, "cpi_proxy_requests_total", **labels) == 1
+
+
+@pytest.mark.parametrize("framing", ["Content-Length", "chunked"])
+async def test_pauses_shorter_than_the_body_timeout_add_up_to_more_and_are_served(
+    serve_proxy: Serve, connect: Connect, xsuaa: EmulatedXsuaa, framing: str
+) -> None:
+    served = await serve_proxy(body_timeout=BODY_TIMEOUT)
+    conn = await connect(served)
+    parts = [b"part%d;" % i for i in range(6)]
+    token = xsuaa.mint_user_token()
+    if framing == "chunked":
+        head = post_head("/cpi/_emu/sink", token, b"Transfer-Encoding: chunked")
+        pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+    else:
+        length = b"Content-Length: %d" % len(b"".join(parts))
+        head, pieces = post_head("/cpi/_emu/sink", token, length), parts
+    started = time.monotonic()
+    await conn.send(head)
+    for piece in pieces:
+        await asyncio.sleep(BODY_TIMEOUT / 3)  # the client's pace, not a wait for the test
+        await conn.send(piece)
+    status, _, sunk = await conn.answer()
+    whole = b"".join(parts)
+    expected = {"bytes": len(whole), "sha256": hashlib.sha256(whole).hexdigest()}
+    assert (status, json.loads(sunk)) == (200, expected)
+    assert time.monotonic() - started > BODY_TIMEOUT * 2
+
+
+@pytest.mark.parametrize(
+    "how", ["client leaves a held body", "client leaves a stream", "bad chunk"]
+)
+async def test_a_body_that_breaks_off_is_the_clients_400_not_an_upstream_failure(
+    serve_proxy: Serve,
+    connect: Connect,
+    xsuaa: EmulatedXsuaa,
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = await serve_proxy(body_timeout=GENEROUS * 2)  # so it cannot be what answers
+    assert served.pool is not None
+    pool = served.pool
+    conn = await connect(served)
+    token = xsuaa.mint_user_token()
+    caplog.set_level(logging.INFO)
+    if how == "bad chunk":  # a malformed chunk size, once the body streams to CPI
+        await conn.send(post_head("/cpi/_emu/sink", token, b"Transfer-Encoding: chunked"))
+        await conn.send(b"5\r\nhello\r\n")
+        await until(lambda: pool.open_connections > pool.idle_connections)
+        await conn.send(b"zz\r\n")
+        status, headers, raw = await conn.answer()
+        assert (status, headers["connection"]) == (400, "close")
+        assert json.loads(raw)["error_description"] == (
+            "the request body broke off before its end (BadHttpMessage)"
+        )
+    elif how == "client leaves a stream":  # over the replay limit: streams as it comes
+        await conn.send(post_head("/cpi/_emu/sink", token, b"Content-Length: 10000000"))
+        await conn.send(b"x" * 10)
+        await until(lambda: pool.open_connections > pool.idle_connections)
+        conn.writer.transport.abort()
+    else:  # a tenth of a body held for replay, then gone
+        await conn.send(post_head("/cpi/echo", token, b"Content-Length: 100") + b"x" * 10)
+        conn.writer.transport.abort()
+    await until(lambda: "-> 400 invalid_request" in caplog.text, within=GENEROUS)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    text = served.metrics()
+    labels = {"route": "cpi", "method": "POST", "status_class": "4xx"}
+    assert metric(text, "cpi_proxy_requests_total", **labels) == 1
+    await until(lambda: pool.open_connections == pool.idle_connections)  # none left busy
 
 
 async def test_each_request_on_a_keep_alive_connection_gets_its_own_header_window(

@@ -30,6 +30,7 @@ from proxy.upstream import (
     Pool,
     ProtocolError,
     Response,
+    UploadFailed,
     UpstreamError,
 )
 from tests.conftest import until
@@ -560,6 +561,31 @@ async def test_an_early_answer_to_an_upload_is_returned_and_the_connection_dropp
     async with asyncio.timeout(WITHIN):
         await upload_stopped.wait()
         await cpi_saw_eof.wait()
+    assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+async def test_a_failing_upload_source_is_told_apart_from_cpi_failing(stage: Stage) -> None:
+    """The forwarder answers a client's broken body as the client's fault, not CPI's."""
+    cpi_saw_eof = asyncio.Event()
+
+    class ClientGone(Exception):
+        pass
+
+    async def breaks() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        raise ClientGone("the client left")
+
+    async def script(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.until_eof()
+        cpi_saw_eof.set()
+
+    _, pool = await stage.start(script)
+    with pytest.raises(UploadFailed) as failed:
+        await pool.request("POST", "/up", [], breaks(), length=10**6)
+    assert isinstance(failed.value.reason, ClientGone)
+    async with asyncio.timeout(WITHIN):
+        await cpi_saw_eof.wait()  # half a request is never left on a pooled connection
     assert (pool.open_connections, pool.idle_connections) == (0, 0)
 
 
