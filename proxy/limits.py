@@ -56,9 +56,11 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from yarl import URL
 
+from proxy.logs import ParseErrors
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,27 @@ class _Handler(web.RequestHandler):
                     )
             if not data:
                 return
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused is plain text quoting the refused
+        bytes; every other answer of the proxy is JSON, so this one is too (bytes elided)."""
+        answer = super().handle_error(request, status, exc, message)  # logs; closes after
+        if not isinstance(exc, HttpProcessingError):
+            return answer
+        what = ParseErrors.summary(exc.message)
+        body = {
+            "error": "invalid_request",
+            "error_description": f"not a valid HTTP/1.1 request ({type(exc).__name__}: {what})",
+        }
+        response = web.json_response(body, status=answer.status)
+        response.force_close()
+        return response
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_deadline()

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -426,8 +427,42 @@ async def test_an_oversized_head_is_400_and_the_connection_closes(
     served = await serve_proxy()
     conn = await connect(served)
     await conn.send(head)
-    answer = await conn.until_closed()
-    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # HTTP/1.0 from aiohttp
+    status, headers, body = parse(await conn.until_closed())
+    assert (status, headers["content-type"], body["error"]) == (
+        400,
+        "application/json; charset=utf-8",
+        "invalid_request",
+    )
+    assert body["error_description"].startswith("not a valid HTTP/1.1 request (")
+    assert not re.search(r"(.)\1{15}", body["error_description"])  # refused bytes not echoed
+    await until(lambda: served.open == 0)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /cpi/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",  # smuggling shape
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",  # obs-fold
+        b"POST /cpi/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n",  # a bad chunk in the head's own read
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    ],
+    ids=["content-length-and-chunked", "obs-fold", "bad-chunk", "nul"],
+)
+async def test_a_request_the_parser_refuses_gets_a_json_400_and_a_close(
+    serve_proxy: Serve, connect: Connect, request_bytes: bytes
+) -> None:
+    served = await serve_proxy()
+    conn = await connect(served)
+    await conn.send(request_bytes)
+    status, headers, body = parse(await conn.until_closed())
+    assert (status, headers["content-type"], body["error"]) == (
+        400,
+        "application/json; charset=utf-8",
+        "invalid_request",
+    )
+    assert body["error_description"].startswith("not a valid HTTP/1.1 request (")
     await until(lambda: served.open == 0)
 
 
