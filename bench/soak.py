@@ -4,7 +4,8 @@ The emulated XSUAA and iFlow runtime run over HTTPS in this process; the proxy i
 (pinned to core 0 when there are 2+ cores), so the RSS and FDs sampled are its own. Every answer
 is checked against what its request should get, and one carrying another request's identity
 (x-cpi-subject, x-cpi-path, correlation id, echoed body) fails the soak. So do leaks: RSS growth
-after the warm-up beyond 20 MiB, more than 20 FDs still open once idle, requests left in flight;
+after the warm-up beyond 20 MiB, more than 20 FDs or 10 asyncio tasks more once idle than before
+the load, requests left in flight;
 and more than one exchange or CSRF fetch per user token, ERROR lines in the proxy's log, a crash,
 or an unclean exit on SIGTERM. Exit code 0: PASS, 1: FAIL.
 
@@ -44,7 +45,7 @@ from multidict import CIMultiDictProxy
 from proxy.dev import EmulatedIflowRuntime, EmulatedXsuaa, make_dev_ca
 
 MIB = 1024 * 1024
-RSS_LIMIT_MIB, FD_LIMIT, IN_FLIGHT_LIMIT = 20.0, 20, 2
+RSS_LIMIT_MIB, FD_LIMIT, TASK_LIMIT, IN_FLIGHT_LIMIT = 20.0, 20, 10, 2
 SAMPLE_EVERY, REMINTS_PER_S = 5.0, 0.5
 LEEWAY = 60.0  # the proxy accepts a user token this long past its exp
 PATTERN = bytes(range(256)) * (8 * MIB // 256)  # byte i of an emulator download is i % 256
@@ -127,6 +128,7 @@ class Sample:
     rss_mib: float
     fds: int
     in_flight: int
+    tasks: int  # asyncio tasks alive in the proxy, from its /metrics
 
 
 def free_port() -> int:
@@ -414,8 +416,9 @@ class Soak:
             return None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()  # noqa: ASYNC240 - procfs
         rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-        in_flight = metric(await self.metrics(session), "requests_in_flight")
-        return Sample(time.monotonic() - self.started, rss, self.fds(), int(in_flight))
+        text = await self.metrics(session)
+        in_flight, tasks = metric(text, "requests_in_flight"), metric(text, "asyncio_tasks")
+        return Sample(time.monotonic() - self.started, rss, self.fds(), int(in_flight), int(tasks))
 
     async def metrics(self, session: aiohttp.ClientSession) -> str:
         async with session.get(f"{self.base}/metrics") as resp:
@@ -446,6 +449,7 @@ class Soak:
         timeout = aiohttp.ClientTimeout(total=120, sock_read=30)
         async with aiohttp.ClientSession() as ops:
             idle_before = self.fds()
+            tasks_before = int(metric(await self.metrics(ops), "asyncio_tasks"))
             self.started = time.monotonic()
             observer = asyncio.create_task(self.observe(ops))
             outages = asyncio.create_task(self.outage_loop())
@@ -475,13 +479,15 @@ class Soak:
                 exit_code = await asyncio.to_thread(self.proc.wait, 15)
             except subprocess.TimeoutExpired:
                 exit_code = None  # killed below
-        return self.report(load_s, idle_before, drained, final, text, crashed, exit_code)
+        idle = (idle_before, tasks_before)
+        return self.report(load_s, idle, drained, final, text, crashed, exit_code)
 
     def report(
-        self, load_s: float, idle_before: int, drained: Sample | None, final: Sample | None,
+        self, load_s: float, idle: tuple[int, int], drained: Sample | None, final: Sample | None,
         text: str, crashed: bool, exit_code: int | None,
     ) -> bool:  # fmt: skip
         a, fails = self.args, []
+        idle_before, tasks_before = idle
         warmup = min(60.0, a.minutes * 60 / 5)
         print(f"\ncpi-proxy soak: {load_s:.0f} s of load (the first {warmup:.0f} s warm-up) at"
               f" {a.rate} req/s, {a.users} users + 20 revocation targets + 5 short-lived tokens,"
@@ -537,13 +543,16 @@ class Soak:
             rss, fds = [s.rss_mib for s in self.samples], [s.fds for s in self.samples]
             base = statistics.median(early)
             rss_growth = statistics.median(late) - base
-            fd_growth = final.fds - idle_before
+            fd_growth, task_growth = final.fds - idle_before, final.tasks - tasks_before
             print(f"proxy RSS MiB: first {rss[0]:.1f}, last {final.rss_mib:.1f}, max"
                   f" {max(rss):.1f}; median {base:.1f} in the {span:.0f} s after the warm-up,"
                   f" {base + rss_growth:.1f} in the last {span:.0f} s of load -> growth"
                   f" {rss_growth:+.1f} (limit {RSS_LIMIT_MIB:.0f})\nproxy FDs: first"
                   f" {fds[0]}, last {final.fds}, max {max(fds)}; idle {idle_before} before the"
                   f" load, {final.fds} after -> growth {fd_growth:+d} (limit {FD_LIMIT})\n"
+                  f"proxy asyncio tasks: max {max(s.tasks for s in self.samples)} sampled; idle"
+                  f" {tasks_before} before the load, {final.tasks} after -> growth"
+                  f" {task_growth:+d} (limit {TASK_LIMIT}; the /metrics scrape has its own)\n"
                   f"requests in flight: max {max(s.in_flight for s in self.samples)} sampled,"
                   f" {drained.in_flight} once drained (limit {IN_FLIGHT_LIMIT}; the /metrics"
                   " scrape counts itself)")  # fmt: skip
@@ -553,10 +562,10 @@ class Soak:
                 fails.append(f"RSS grew {rss_growth:.1f} MiB after the warm-up")
             if fd_growth > FD_LIMIT:
                 fails.append(f"{fd_growth} more FDs open once idle than before the load")
+            if task_growth > TASK_LIMIT:
+                fails.append(f"{task_growth} more asyncio tasks once idle than before the load")
             if drained.in_flight > IN_FLIGHT_LIMIT:
                 fails.append(f"{drained.in_flight} requests still in flight after the load")
-        print("asyncio tasks: not observable from outside the proxy (its /metrics has no task"
-              " gauge); cpi_proxy_requests_in_flight above stands in for them")  # fmt: skip
         logged = self.proxy_log()
         print(f"proxy log: {sum(logged.values())} lines at WARNING and up")
         for (level, msg), n in logged.most_common(8):

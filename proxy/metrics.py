@@ -8,11 +8,12 @@ prometheus-client's per-update locks (a labelled Histogram observation cost ~4 Â
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -99,6 +100,17 @@ class _Hot(Collector):
         yield GaugeMetricFamily(
             "cpi_proxy_requests_in_flight", "Requests being handled.", value=m.in_flight.value
         )
+        try:
+            tasks = len(asyncio.all_tasks())  # counted at scrape time only
+        except RuntimeError:  # rendered outside an event loop: nothing to count
+            pass
+        else:
+            yield GaugeMetricFamily(
+                "cpi_proxy_asyncio_tasks",
+                "asyncio tasks alive in this process (connections and requests have theirs):"
+                " growth while idle is a leak.",
+                value=tasks,
+            )
         yield _counter(
             "cpi_proxy_upstream_bytes",
             "Body bytes sent to (out) and received from (in) CPI.",
@@ -180,6 +192,7 @@ class Metrics:
         self.in_flight, self.bytes_out, self.bytes_in = Tally(), Tally(), Tally()
         self.cache_hit, self.cache_miss = Tally(), Tally()
         r.register(_Hot(self))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ...
         # Bounded: routes x 8 methods x 5 status classes; routes only.
         self.answered: dict[tuple[str, str, int], Tally] = {}
         self.request_timings: dict[str, Timings] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -86,7 +87,30 @@ async def test_metrics_count_requests_exchanges_cache_and_bytes(
     assert metric(text, "cpi_proxy_request_duration_seconds_count", route="cpi") == 3
     assert metric(text, "cpi_proxy_upstream_duration_seconds_count", route="cpi") == 3
     assert metric(text, "cpi_proxy_requests_in_flight") == 1  # the scrape itself
+    assert metric(text, "process_resident_memory_bytes") > 1024 * 1024
+    assert metric(text, "process_open_fds") > 3
     assert "alice" not in text and "/cpi/echo" not in text and "nowhere" not in text
+
+
+async def test_the_task_gauge_counts_the_tasks_alive_at_scrape_time() -> None:
+    metrics = Metrics()
+
+    def tasks() -> float:
+        return metric(metrics.render().decode(), "cpi_proxy_asyncio_tasks")
+
+    before = tasks()
+    extra = [asyncio.ensure_future(asyncio.Event().wait()) for _ in range(3)]
+    assert tasks() == before + 3
+    for task in extra:
+        task.cancel()
+    await asyncio.gather(*extra, return_exceptions=True)
+    assert tasks() == before
+
+
+def test_metrics_render_outside_an_event_loop_without_the_task_gauge() -> None:
+    text = Metrics().render().decode()
+    assert "cpi_proxy_asyncio_tasks" not in text
+    assert "cpi_proxy_requests_in_flight 0.0" in text
 
 
 async def test_failed_exchanges_are_counted_by_error(proxy: Client, xsuaa: EmulatedXsuaa) -> None:
