@@ -585,6 +585,9 @@ class Pool:
             if not opened:
                 self._wake()  # the place it held is free for a waiter
         assert conn is not None
+        if self._closing:  # closed while connecting: this one would outlive the pool
+            conn.abort()
+            raise ConnectFailed("the proxy is shutting down")
         self._open.add(conn)
         return conn
 

@@ -1161,6 +1161,28 @@ async def test_https_with_the_test_ca_keeps_the_connection_alive(
     assert upstream.connections == 1
 
 
+async def test_a_connection_completing_after_close_is_not_used(
+    stage: Stage, dev_ca: DevCA, ca_file: Path
+) -> None:
+    """close() while a TLS handshake is under way: the connection it yields is dropped, not
+    handed to the request (it would outlive the pool, unknown to it)."""
+    upstream, pool = await stage.start(
+        always(OK), server_tls=dev_ca.server_context(), client_tls=client_context()
+    )
+    request = asyncio.ensure_future(get(pool, "/late"))
+    closing: list[asyncio.Task[None]] = []
+    async with asyncio.timeout(WITHIN):  # the handshake takes several turns of the loop
+        await at_next_turn(
+            lambda: pool._connecting == 1,
+            lambda: closing.append(asyncio.ensure_future(pool.close())),
+        )
+        await closing[0]
+        with pytest.raises(ConnectFailed, match="shutting down"):
+            await request
+    assert pool.open_connections == 0
+    assert upstream.lines() in ([], [[]])  # nothing was sent on it
+
+
 async def test_https_to_an_untrusted_certificate_fails_to_connect(
     stage: Stage, dev_ca: DevCA
 ) -> None:
