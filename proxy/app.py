@@ -142,7 +142,7 @@ async def handle(app: web.Application, request: web.Request) -> web.StreamRespon
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.error)
         response = json_error(exc.status, exc.error, exc.description, cid, exc.headers, exc.details)
         if exc.closes:
-            response.force_close()
+            await _hang_up(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -156,6 +156,19 @@ async def handle(app: web.Application, request: web.Request) -> web.StreamRespon
     route = request.get(ROUTE_NAME, "-")
     metrics.observe(route, request.method, response.status, time.perf_counter() - started)
     return response
+
+
+async def _hang_up(request: web.Request, response: web.StreamResponse) -> None:
+    """Send `response` now and close the connection. Left to aiohttp, a request whose body was
+    not read to its end keeps the connection up to 10 s more, reading that body ("lingering"):
+    pointless once the client has stalled (measured: the close came 11-12 s after the 408)."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:  # the client is gone already
+        return
+    request.protocol.force_close()  # what is written still goes out before the socket closes
 
 
 async def _routed(request: web.Request) -> web.StreamResponse:

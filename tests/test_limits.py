@@ -236,6 +236,7 @@ async def test_a_held_body_that_stops_gets_a_408_before_any_token_or_cpi_call(
     assert (status, headers["connection"], body["error"]) == (408, "close", "request_timeout")
     assert "paused for more than 0.3 s (CPI_PROXY_BODY_TIMEOUT)" in body["error_description"]
     assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + GENEROUS
+    assert await conn.until_closed() == b""  # at once, not after aiohttp's 10 s of lingering
     assert (xsuaa.token_posts, iflow.runtime.requests) == (0, [])
 
 
@@ -254,6 +255,7 @@ async def test_a_streamed_body_that_stops_gets_a_408_and_frees_its_cpi_connectio
     body = json.loads(raw)
     assert (status, headers["connection"], body["error"]) == (408, "close", "request_timeout")
     assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + GENEROUS
+    assert await conn.until_closed() == b""
     assert served.pool.open_connections == served.pool.idle_connections  # none left busy
     text = served.metrics()
     labels = {"route": "cpi", "method": "POST", "status_class": "4xx"}
