@@ -166,9 +166,6 @@ async def client_body(stream: aiohttp.StreamReader, pause: float) -> AsyncIterat
             " send it without long pauses"
         ) from None
     except (ConnectionError, HttpProcessingError) as exc:
-        # Nothing more will come; marked ended, so that aiohttp does not linger reading it
-        # after the answer (its read would raise this again and log it as unhandled).
-        stream.feed_eof()
         raise BodyBroken(
             f"the request body broke off before its end ({exc.__class__.__name__})"
         ) from None
