@@ -282,10 +282,9 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        warm_up.cancel()
-        with contextlib.suppress(asyncio.CancelledError, KeyFetchError):
+        await keys.close()  # ends the warm-up's fetch too: cancelling the warm-up would stop
+        with contextlib.suppress(asyncio.CancelledError, KeyFetchError):  # at its shield
             await warm_up
-        await keys.close()  # the warm-up's cancel stops at the shield, not at the fetch
         await exchanger.close()
         await csrf.close()
         await pool.close()
